@@ -1,0 +1,1 @@
+"""Model definitions and dataset readers for the workloads raylab trains."""

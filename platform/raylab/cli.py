@@ -1,0 +1,115 @@
+"""`raylab` command line: a thin shell over `raylab.launch`.
+
+    raylab models
+    raylab train tinyimagenet --stage quick
+    raylab train tinyimagenet --stage quick --set family=se --workers 2 --storage ./results --name se-quick
+
+Exit codes: 0 success, 1 the run failed, 2 a configuration error (reported
+before Ray starts).
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from raylab.config import STAGES, ConfigError, LaunchConfig, parse_overrides, read_experiment, stage_values, validate_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, sweep and checkpoint real models on Ray.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def models() -> None:
+    """List registered models, their stages and parameter counts."""
+    from raylab.launch import find_experiment
+    from raylab.task import TASKS, get_task
+
+    table = Table(title="raylab models")
+    for col in ("model", "stage", "parameters", "what"):
+        table.add_column(col, justify="right" if col == "parameters" else "left")
+    for name in sorted(TASKS):
+        task = get_task(name)
+        path = find_experiment(name)
+        experiment = read_experiment(path)
+        for stage in STAGES:
+            if stage not in experiment["stages"]:
+                continue
+            cfg = validate_config(task.config_cls, stage_values(experiment, stage, path), f"{path} stage '{stage}'")
+            table.add_row(name, stage, f"{task.num_parameters(cfg):,}", task.describe(cfg))
+    out.print(table)
+
+
+@app.command()
+def train(
+    model: str = typer.Argument(..., help="Registered model name (see `raylab models`)."),
+    stage: str = typer.Option("quick", help="Stage of the experiment file: quick, medium or full."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config field: --set key=value (repeatable)."),
+    workers: int = typer.Option(1, help="Training workers (0: run in this process without Ray)."),
+    gpus: bool = typer.Option(False, "--gpus", help="Give each worker one GPU."),
+    cpus_per_worker: float = typer.Option(1.0, help="CPUs reserved per worker."),
+    storage: str = typer.Option("raylab_results", help="Local folder or s3:// URI holding every run."),
+    name: Optional[str] = typer.Option(None, help="Run name; an existing name resumes from its latest checkpoint."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)."),
+    max_failures: int = typer.Option(0, help="Restarts from the latest checkpoint after a worker failure (-1: forever)."),
+    experiment: Optional[str] = typer.Option(None, help="Experiment YAML (default: experiments/<model>.yaml)."),
+    debug: bool = typer.Option(False, help="Print full tracebacks on failure."),
+) -> None:
+    """Train one stage of a model through Ray Train."""
+    from raylab.launch import prepare, train as run_train
+    from raylab.progress import LiveProgress, summary_table
+
+    try:
+        overrides = parse_overrides(set_)
+        prepare(model, stage, overrides, experiment)  # validate before anything starts
+        launch = LaunchConfig(
+            num_workers=workers, use_gpu=gpus, cpus_per_worker=cpus_per_worker, storage_path=storage,
+            name=name, address=address, max_failures=max_failures,
+        )
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except ValueError as exc:  # pydantic on LaunchConfig: a bad flag value
+        _fail(f"invalid option: {exc}", 2)
+
+    try:
+        with LiveProgress(f"{model} {stage}") as live:
+            summary = run_train(model, stage, overrides, launch, experiment, on_progress=live)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun with the same --name to resume from the latest checkpoint.", 130)
+    except Exception as exc:  # the run failed: show the cause, not Ray's wrapping
+        if debug:
+            err.print(traceback.format_exc())
+        _fail(f"run failed: {type(exc).__name__}: {exc}".rstrip(), 1)
+
+    final = summary.final
+    rows = [("run", summary.name), ("path", summary.run_path), ("wall time", f"{summary.wall_s:.1f} s"),
+            ("steps", str(int(final.get("step", 0)))), ("epochs", f"{final.get('epoch', 0):.2f}")]
+    for key in sorted(k for k in final if k.startswith(("val_", "train_"))):
+        rows.append((f"final {key}", f"{final[key]:.4g}"))
+    for key in sorted(k for k in summary.metrics.columns if k.startswith("val_")):
+        mode = "min" if "loss" in key else "max"
+        best = summary.best(key, mode)
+        if best is not None:
+            rows.append((f"best {key}", f"{best:.4g}"))
+    rows.append(("latest checkpoint", summary.latest_checkpoint or "none"))
+    out.print(summary_table(f"{model} {stage}: done", rows))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Typed configuration: the fields every run shares, and experiment files.
+
+An experiment file (`experiments/<model>.yaml`) names a model and holds its
+stages `quick`, `medium` and `full` as plain data:
+
+    model: tinyimagenet
+    defaults: {seed: 0, lr: 3.0e-4}        # shared by every stage
+    stages:
+      quick: {max_epochs: 4, family: residual, width: 16}
+
+`resolve_config` merges defaults, the stage and `--set key=value` overrides,
+and validates the result with the model's pydantic config class (a subclass of
+`TrainConfig`). Every mistake a user can make ends in a `ConfigError` whose
+message is one sentence naming the file, stage and field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("quick", "medium", "full")
+Stage = Literal["quick", "medium", "full"]
+
+
+class ConfigError(ValueError):
+    """A configuration mistake a user can fix; the message names what is wrong."""
+
+
+class TrainConfig(BaseModel):
+    """Fields the training loop reads; each model's config extends this class."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    seed: int = Field(0, description="Seeds model init, data order, augmentation and dropout; same seed + same worker count = same weights.")
+    max_epochs: int = Field(1, gt=0, description="Passes over the training split.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (None: run all epochs).")
+    per_worker_batch_size: int = Field(32, gt=0, description="Samples per micro-batch on each worker; the global batch is this x workers x grad_accum_steps.")
+    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    grad_clip_norm: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value (None: no clipping).")
+    log_every_steps: int = Field(10, gt=0, description="Optimizer steps between progress updates and TensorBoard train scalars.")
+    eval_every_steps: int = Field(0, ge=0, description="Optimizer steps between evaluations (0: at the end of every epoch).")
+    checkpoint_every_batches: int = Field(0, ge=0, description="Micro-batches between mid-epoch checkpoints (0: only at the end of every epoch); a multiple of grad_accum_steps.")
+    keep_checkpoints: int | None = Field(3, gt=0, description="How many checkpoints to keep in storage, newest first (None: keep all).")
+    data_loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker (0: load in the training process).")
+    eval_batch_size: int = Field(256, gt=0, description="Samples per batch during evaluation.")
+    num_samples: int = Field(2, ge=0, description="Inference outputs written per sampling round to <run>/samples/ (0: never sample).")
+    sample_every_steps: int = Field(0, ge=0, description="Optimizer steps between sampling rounds (0: with every evaluation). One round also runs before the first step, so a broken sampler fails in seconds, not hours.")
+
+    @model_validator(mode="after")
+    def _checkpoint_on_step_boundary(self) -> "TrainConfig":
+        if self.checkpoint_every_batches % self.grad_accum_steps:
+            raise ValueError(
+                f"checkpoint_every_batches ({self.checkpoint_every_batches}) must be a multiple of "
+                f"grad_accum_steps ({self.grad_accum_steps}) so checkpoints fall between optimizer steps"
+            )
+        return self
+
+
+class LaunchConfig(BaseModel):
+    """Where and how big a run is: everything that is not the model's config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = Field(1, ge=0, description="Training workers (0: run in this process, no Ray).")
+    use_gpu: bool = Field(False, description="Give each worker one GPU.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    storage_path: str = Field("raylab_results", description="Local folder or s3:// URI that holds every run.")
+    name: str | None = Field(None, description="Run name; a run with an existing name resumes from its latest checkpoint.")
+    address: str | None = Field(None, description="Ray cluster address (None: RAY_ADDRESS or an embedded local Ray).")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint before giving up (-1: forever).")
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    field = ".".join(str(p) for p in err["loc"]) or "config"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"unknown field '{field}'"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    got = err.get("input")
+    if field == "config" or isinstance(got, dict):
+        return msg[0].lower() + msg[1:]
+    return f"field '{field}' {msg[0].lower() + msg[1:]} (got {got!r})"
+
+
+def validate_config(config_cls: type[TrainConfig], values: dict[str, Any], where: str) -> TrainConfig:
+    """Build `config_cls` from `values`; a failure becomes one ConfigError sentence."""
+    try:
+        return config_cls.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(_describe_error(e) for e in exc.errors())
+        raise ConfigError(f"{where}: {problems}.") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn `["lr=1e-3", "family=se"]` into a dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set '{pair}' is not of the form key=value.")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def read_experiment(path: Path) -> dict[str, Any]:
+    """Read and shape-check an experiment YAML file."""
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"experiment file {path} is not valid YAML: {exc}.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+        raise ConfigError(f"experiment file {path} must be a mapping with a 'stages' mapping.")
+    unknown = set(data) - {"model", "description", "defaults", "stages", "search"}
+    if unknown:
+        raise ConfigError(f"experiment file {path} has unknown top-level key(s) {sorted(unknown)}.")
+    for stage, body in data["stages"].items():
+        if stage not in STAGES:
+            raise ConfigError(f"experiment file {path}: stage '{stage}' is not one of {', '.join(STAGES)}.")
+        if not isinstance(body, dict):
+            raise ConfigError(f"experiment file {path}: stage '{stage}' must be a mapping of fields.")
+    return data
+
+
+def stage_values(experiment: dict[str, Any], stage: str, path: Path) -> dict[str, Any]:
+    """The raw field values of one stage: defaults, then the stage's own."""
+    if stage not in experiment["stages"]:
+        raise ConfigError(
+            f"experiment file {path} has no stage '{stage}' (it has: {', '.join(experiment['stages'])})."
+        )
+    return {**(experiment.get("defaults") or {}), **experiment["stages"][stage]}
+
+
+def resolve_config(
+    config_cls: type[TrainConfig], path: Path, stage: str, overrides: dict[str, Any]
+) -> TrainConfig:
+    """Validated config for `stage` of the experiment at `path`, with overrides applied."""
+    experiment = read_experiment(path)
+    values = {**stage_values(experiment, stage, path), **overrides}
+    return validate_config(config_cls, values, f"{path} stage '{stage}'")

@@ -1,0 +1,106 @@
+"""The Python API behind `raylab train`: resolve a config, run it, summarise it.
+
+    from raylab.launch import train
+    from raylab.config import LaunchConfig
+    summary = train("tinyimagenet", "quick", {"family": "se"}, LaunchConfig(num_workers=2))
+
+Everything a user can get wrong (model name, stage, field values, run name,
+worker count) is checked here, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from raylab.config import ConfigError, LaunchConfig, TrainConfig, resolve_config
+from raylab.run_storage import read_metrics, run_filesystem
+from raylab.task import TorchTask, get_task
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def find_experiment(task_name: str, experiment: str | Path | None = None) -> Path:
+    """The experiment file: given explicitly, else experiments/<model>.yaml here or in the repo."""
+    if experiment is not None:
+        return Path(experiment)
+    for base in (Path.cwd(), repo_root()):
+        candidate = base / "experiments" / f"{task_name}.yaml"
+        if candidate.is_file():
+            return candidate
+    return Path("experiments") / f"{task_name}.yaml"
+
+
+def check_run_name(name: str) -> str:
+    """Run names become folder names under the storage root; keep them inside it."""
+    if not _NAME.match(name) or ".." in name:
+        raise ConfigError(
+            f"run name '{name}' must be 1-128 letters, digits, '.', '_' or '-', start with a letter or digit "
+            "and not contain '..' (it becomes a folder under the storage root)."
+        )
+    return name
+
+
+def prepare(task_name: str, stage: str, overrides: dict[str, Any] | None = None, experiment: str | Path | None = None) -> tuple[TorchTask, TrainConfig]:
+    task = get_task(task_name)
+    cfg = resolve_config(task.config_cls, find_experiment(task_name, experiment), stage, overrides or {})
+    return task, cfg
+
+
+@dataclass
+class RunSummary:
+    name: str
+    run_path: str
+    wall_s: float
+    metrics: pd.DataFrame = field(repr=False)
+    latest_checkpoint: str | None = None
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.metrics.iloc[-1].dropna().to_dict() if not self.metrics.empty else {}
+
+    def best(self, metric: str, mode: str = "max") -> float | None:
+        if metric not in self.metrics or self.metrics[metric].dropna().empty:
+            return None
+        col = self.metrics[metric].dropna()
+        return float(col.max() if mode == "max" else col.min())
+
+
+def train(
+    task_name: str, stage: str = "quick", overrides: dict[str, Any] | None = None,
+    launch: LaunchConfig | None = None, experiment: str | Path | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> RunSummary:
+    """Train one stage of a model; returns its metrics and where its checkpoints are."""
+    launch = launch or LaunchConfig()
+    task, cfg = prepare(task_name, stage, overrides, experiment)
+    name = check_run_name(launch.name or f"{task_name}-{stage}-{datetime.now():%Y%m%d-%H%M%S}")
+    storage = launch.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    fs, run_path = run_filesystem(storage, name)
+    started = time.perf_counter()
+    if launch.num_workers == 0:
+        from raylab.session import LocalSession
+        from raylab.torch_loop import train_torch
+
+        session = LocalSession(Path(run_path), cfg.keep_checkpoints, on_progress)
+        train_torch(task, cfg, session)
+        with session.latest_checkpoint() as latest:
+            latest_checkpoint = str(latest) if latest else None
+    else:
+        from raylab.ray_backend import run_on_ray
+
+        result = run_on_ray(task_name, cfg, launch, name, storage, on_progress)
+        latest_checkpoint = result.latest_checkpoint
+    return RunSummary(name, run_path, time.perf_counter() - started, read_metrics(fs, run_path), latest_checkpoint)

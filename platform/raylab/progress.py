@@ -1,0 +1,90 @@
+"""What the person running `raylab train` sees: one live line, then a summary.
+
+On a terminal, a rich progress bar shows step, epoch, loss, accuracy,
+samples/s, ETA and the last checkpoint. Where output is a log (CI, `ray job
+submit`), the same facts are printed as a plain line at most every 10 s and at
+every evaluation, so job logs stay readable.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+_SHOWN = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def status_text(update: dict[str, Any]) -> str:
+    """The facts of one progress update as `key=value` pairs."""
+    parts = [f"epoch {update.get('epoch', 0)}/{update.get('max_epochs', '?')}"]
+    for key in _SHOWN:
+        if key in update:
+            parts.append(f"{key.replace('train_', '')}={_fmt(update[key])}")
+    if "samples_per_s" in update:
+        parts.append(f"{update['samples_per_s']:.0f} samples/s")
+    if update.get("last_checkpoint"):
+        parts.append(f"ckpt {update['last_checkpoint']}")
+    return "  ".join(parts)
+
+
+class LiveProgress:
+    """Feed it progress updates from the loop; use as a context manager."""
+
+    def __init__(self, title: str, console: Console | None = None, log_every_s: float = 10.0):
+        self.console = console or Console(stderr=True)
+        self.title = title
+        self.live = self.console.is_terminal
+        self.log_every_s = log_every_s
+        self._last_log = 0.0
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, transient=False,
+        )
+        self._task = None
+        self._last: dict[str, Any] = {}
+
+    def __enter__(self) -> "LiveProgress":
+        if self.live:
+            self._progress.start()
+            self._task = self._progress.add_task(self.title, total=None, status="starting workers...")
+        else:
+            self.console.print(f"{self.title}: starting", soft_wrap=True)
+        return self
+
+    def __call__(self, update: dict[str, Any]) -> None:
+        # Eval rows carry val_* keys; keep the last values so the line never flickers empty.
+        self._last.update(update)
+        merged = self._last
+        if self.live:
+            self._progress.update(
+                self._task, completed=merged.get("global_step", 0), total=merged.get("total_steps"), status=status_text(merged)
+            )
+            return
+        now = time.monotonic()
+        if now - self._last_log >= self.log_every_s or any(k.startswith("val_") for k in update):
+            self._last_log = now
+            self.console.print(f"{self.title}: step {merged.get('global_step', 0)}/{merged.get('total_steps', '?')}  {status_text(merged)}", soft_wrap=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live:
+            self._progress.stop()
+
+
+def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

@@ -1,0 +1,199 @@
+"""The Ray boundary: the only module that imports `ray.train`.
+
+`run_on_ray` starts (or joins) Ray, validates that the workers fit, runs the
+training loop on N workers with Ray Train's TorchTrainer (DDP over gloo on
+CPU, NCCL on GPU), and streams rank 0's progress to the driver through a Ray
+queue so the driver can draw one live display instead of N workers' logs.
+
+Typed configs cross the boundary as JSON data and are rebuilt on each worker
+with the task's pydantic class: no string-keyed dicts past this point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from raylab.config import ConfigError, LaunchConfig, TrainConfig
+
+# Ray's own chatter (controller state, "Failed to query Ray Train Controller actor
+# state", autoscaler hints) is not for the person watching a training run.
+_QUIET_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "RAY_DEDUP_LOGS": "1",
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
+}
+
+
+class ResourceError(RuntimeError):
+    """The requested workers cannot fit on the Ray cluster."""
+
+
+def ensure_ray(launch: LaunchConfig) -> bool:
+    """Connect to Ray (an existing cluster or a new embedded one); True if we started it."""
+    import ray
+
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return False
+    address = launch.address or os.environ.get("RAY_ADDRESS")
+    common = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
+    if address:
+        ray.init(address=address, **common)
+        return False
+    ray.init(include_dashboard=False, **common)
+    return True
+
+
+def check_resources(launch: LaunchConfig, embedded: bool) -> None:
+    """Fail fast, in one sentence, where Ray would wait forever for resources."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = launch.num_workers * launch.cpus_per_worker
+    need_gpu = launch.num_workers if launch.use_gpu else 0
+    have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if not embedded:
+        return  # an autoscaling cluster may add the nodes it needs
+    if need_cpu > have_cpu:
+        raise ResourceError(
+            f"--workers {launch.num_workers} x {launch.cpus_per_worker:g} CPU needs {need_cpu:g} CPUs but the local Ray "
+            f"instance has {have_cpu:g}; lower --workers or --cpus-per-worker, or pass --address of a bigger cluster."
+        )
+    if need_gpu > have_gpu:
+        raise ResourceError(f"--gpus asks for {need_gpu} GPU(s) but the local Ray instance has {have_gpu:g}.")
+
+
+class RaySession:
+    """The loop's Session on a Ray Train worker."""
+
+    def __init__(self, progress_queue: Any):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.world_rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+        self.device = str(ray.train.torch.get_device())
+        storage = ctx.get_storage()
+        self.run_fs, self.run_path = storage.storage_filesystem, storage.experiment_fs_path
+        self._queue = progress_queue
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, checkpoint_name: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name)
+
+    def progress(self, update: dict[str, Any]) -> None:
+        if self._queue is None:
+            return
+        with contextlib.suppress(Exception):  # a display must never break training
+            self._queue.put_nowait(update)
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Entry point on every Ray Train worker."""
+    from raylab.task import get_task
+    from raylab.torch_loop import train_torch
+
+    task = get_task(config["task"])
+    cfg = task.config_cls.model_validate(config["cfg"])
+    train_torch(task, cfg, RaySession(config["progress_queue"]))
+
+
+@dataclass
+class RayRunResult:
+    run_path: str
+    storage_path: str
+    latest_checkpoint: str | None
+
+
+def first_worker_error(exc: BaseException) -> BaseException:
+    """The exception a worker raised, unwrapped from Ray's TrainingFailedError."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        return failures[min(failures)]
+    return getattr(exc, "controller_failure", exc)
+
+
+def run_on_ray(
+    task_name: str, cfg: TrainConfig, launch: LaunchConfig, name: str, storage_path: str,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> RayRunResult:
+    """Run one training job with Ray Train; progress updates go to `on_progress` on this thread."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    embedded = ensure_ray(launch)
+    check_resources(launch, embedded)
+    queue = Queue(actor_options={"num_cpus": 0}) if on_progress else None
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"task": task_name, "cfg": cfg.model_dump(mode="json"), "progress_queue": queue},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=launch.num_workers, use_gpu=launch.use_gpu,
+            resources_per_worker={"CPU": launch.cpus_per_worker, **({"GPU": 1} if launch.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=launch.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="ERROR"),
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised on the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="raylab-fit", daemon=True)
+    thread.start()
+    try:
+        while True:
+            alive = thread.is_alive()
+            if queue is not None:
+                try:
+                    for update in queue.get_nowait_batch(queue.qsize()):
+                        on_progress(update)
+                except Empty:
+                    pass
+            if not alive:
+                break
+            time.sleep(0.25)
+    finally:
+        if queue is not None:
+            with contextlib.suppress(Exception):
+                queue.shutdown()
+    if "error" in outcome:
+        raise first_worker_error(outcome["error"]) from outcome["error"]
+    result = outcome["result"]
+    return RayRunResult(
+        run_path=result.path, storage_path=storage_path,
+        latest_checkpoint=result.checkpoint.path if result.checkpoint else None,
+    )

@@ -1,0 +1,93 @@
+"""The model interface every seed model implements, and the registry of models.
+
+A task is one model folder's `task.py`. It knows its model and data and nothing
+about Ray. The loop (`raylab.torch_loop`) owns step counting, gradient
+accumulation, the data order, checkpoints and reporting; a PyTorch task only
+answers these questions:
+
+    config_cls                      its pydantic config (a TrainConfig subclass)
+    build(cfg, ctx) -> TorchParts   model, optimizer, scheduler, training dataset
+    loss(model, batch)              (loss tensor, {metric: tensor}) for one micro-batch
+    evaluate(model, ctx)            {metric: float} over the validation split
+    sample(model, n, ctx)           n JSON-able inference outputs (periodic samples)
+    describe(cfg)                   one line for `raylab models`
+    num_parameters(cfg)             parameter count of the model `cfg` builds
+
+The loss/step split (rather than a `train_step` that steps the optimizer) is
+what lets the loop own accumulation, DDP's no_sync and gradient clipping once
+for every model. A TensorFlow loop will pair with the same registry and config
+classes; only the parts a task builds differ.
+
+`TASKS` maps names to "module:Class" strings so importing raylab imports no
+model code (torch, TensorFlow) until a model is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+
+from raylab.config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:
+    import torch
+
+TASKS: dict[str, str] = {
+    "tinyimagenet": "models.tinyimagenet.task:TinyImageNetTask",
+}
+
+
+@dataclass
+class TaskContext:
+    """What a task may know about where it runs. Reductions are no-ops on one worker."""
+
+    world_rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    all_reduce_sum: Callable[[dict[str, float]], dict[str, float]] = lambda d: dict(d)
+    all_gather_object: Callable[[Any], list[Any]] = lambda obj: [obj]
+
+    @property
+    def is_main(self) -> bool:
+        return self.world_rank == 0
+
+
+@dataclass
+class TorchParts:
+    """What a PyTorch task builds for the loop."""
+
+    model: "torch.nn.Module"
+    optimizer: "torch.optim.Optimizer"
+    train_data: Any  # a map-style dataset: __len__, __getitem__, optional set_epoch(epoch)
+    # (optimizer, total optimizer steps) -> LR scheduler stepped once per optimizer step
+    make_scheduler: Callable[[Any, int], Any] | None = None
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TorchTask(Protocol):
+    config_cls: type[TrainConfig]
+
+    def build(self, cfg: TrainConfig, ctx: TaskContext) -> TorchParts: ...
+
+    def loss(self, model: "torch.nn.Module", batch: Any) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]: ...
+
+    def evaluate(self, model: "torch.nn.Module", ctx: TaskContext) -> dict[str, float]: ...
+
+    def sample(self, model: "torch.nn.Module", n: int, ctx: TaskContext) -> list[dict[str, Any]]: ...
+
+    def describe(self, cfg: TrainConfig) -> str: ...
+
+    def num_parameters(self, cfg: TrainConfig) -> int: ...
+
+
+def get_task(name: str) -> TorchTask:
+    """A fresh task instance for a registered model name."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown model '{name}'; registered models: {', '.join(sorted(TASKS))}.")
+    module_name, _, class_name = TASKS[name].partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls()
