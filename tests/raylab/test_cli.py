@@ -1,0 +1,74 @@
+"""The command line: config errors exit 2 with one sentence before Ray starts;
+`raylab models` shows the registered models and their real sizes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from raylab.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("lr=-1", "field 'lr' input should be greater than 0 (got -1)"),
+        ("lr=0", "field 'lr' input should be greater than 0 (got 0)"),
+        ("per_worker_batch_size=0", "field 'per_worker_batch_size' input should be greater than 0"),
+        ("family=vgg", "field 'family' input should be 'baseline', 'residual', 'deeper_wider' or 'se' (got 'vgg')"),
+        ("famly=se", "unknown field 'famly'"),
+        ("checkpoint_every_batches=3", "must be a multiple of grad_accum_steps"),
+    ],
+)
+def test_bad_values_exit_2_naming_the_field(tmp_path, setting, message):
+    extra = ["--set", "grad_accum_steps=2"] if "checkpoint_every" in setting else []
+    result = runner.invoke(app, ["train", "tinyimagenet", "--storage", str(tmp_path), "--set", setting, *extra])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert "tinyimagenet.yaml stage 'quick'" in result.output
+    assert not list(tmp_path.iterdir())  # nothing written: it failed before any run started
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stage", "huge"], "has no stage 'huge'"),
+        (["--set", "lr"], "is not of the form key=value"),
+        (["--name", "../escape"], "run name '../escape' must be"),
+        (["--experiment", "nowhere.yaml"], "experiment file nowhere.yaml does not exist"),
+    ],
+)
+def test_bad_options_exit_2(tmp_path, args, message):
+    result = runner.invoke(app, ["train", "tinyimagenet", "--storage", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not list(tmp_path.iterdir())
+
+
+def test_unknown_model_exit_2(tmp_path):
+    result = runner.invoke(app, ["train", "imagenet22k", "--storage", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "unknown model 'imagenet22k'; registered models: tinyimagenet" in result.output
+
+
+def test_console_script_reports_config_error_without_starting_ray(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "raylab.cli", "train", "tinyimagenet", "--set", "lr=-0.5", "--storage", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "field 'lr'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "ray" not in proc.stdout.lower()
+
+
+def test_models_lists_stages_and_parameter_counts():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    for stage in ("quick", "medium", "full"):
+        assert stage in result.output
+    assert "11,271,432" in result.output  # ResNet-18 at 200 classes, the published size

@@ -1,0 +1,130 @@
+"""The training loop without Ray (LocalSession): determinism, resume, checkpoint
+format, retention, health checks and the run's own files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import safetensors.torch
+import torch
+
+from raylab.checkpoint import CheckpointError, read_checkpoint_state
+from raylab.config import LaunchConfig
+from raylab.launch import train
+from raylab.session import LocalSession
+from raylab.task import get_task
+from raylab.torch_loop import TrainingHealthError, epoch_batches, train_torch
+
+
+def run_local(tmp_path: Path, name: str, overrides: dict):
+    return train("tinyimagenet", "quick", overrides, LaunchConfig(num_workers=0, storage_path=str(tmp_path), name=name))
+
+
+def weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(Path(checkpoint) / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_epoch_batches_shard_disjoint_equal_and_deterministic():
+    plans = [epoch_batches(103, 8, seed=3, epoch=1, rank=r, world_size=3) for r in range(3)]
+    assert {len(p) for p in plans} == {4}  # 103 // 3 = 34 per rank -> 4 full batches of 8
+    flat = [i for plan in plans for batch in plan for i in batch]
+    assert len(flat) == len(set(flat)) == 96
+    assert plans[0] == epoch_batches(103, 8, seed=3, epoch=1, rank=0, world_size=3)
+    assert plans[0] != epoch_batches(103, 8, seed=3, epoch=2, rank=0, world_size=3)
+    assert len(epoch_batches(100, 8, 0, 0, 0, 1, multiple_of=4)) == 12  # 12 of 12 batches: a multiple of 4
+
+
+def test_same_seed_same_weights_and_different_seed_differs(tmp_path, tiny):
+    a = run_local(tmp_path, "a", tiny(seed=7))
+    b = run_local(tmp_path, "b", tiny(seed=7))
+    c = run_local(tmp_path, "c", tiny(seed=8))
+    assert_same_weights(weights(a.latest_checkpoint), weights(b.latest_checkpoint))
+    wa, wc = weights(a.latest_checkpoint), weights(c.latest_checkpoint)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_resume_mid_epoch_gives_identical_weights(tmp_path, tiny):
+    # 96 samples / batch 8 = 12 batches an epoch; stop at step 7 (mid-epoch), then resume.
+    whole = run_local(tmp_path, "whole", tiny(seed=3, checkpoint_every_batches=4))
+    first = run_local(tmp_path, "split", tiny(seed=3, checkpoint_every_batches=4, max_steps=7))
+    state = read_checkpoint_state(first.latest_checkpoint)
+    assert state["position"] == {"epoch": 0, "batch_in_epoch": 7, "global_step": 7}
+    resumed = run_local(tmp_path, "split", tiny(seed=3, checkpoint_every_batches=4))
+    assert_same_weights(weights(whole.latest_checkpoint), weights(resumed.latest_checkpoint))
+    # The log holds each report once: the first attempt's (up to its step 7 checkpoint), then the rest.
+    assert resumed.metrics["step"].tolist() == [4, 7, 8, 12, 16, 20, 24]
+
+
+def test_checkpoint_folder_is_plain_verifiable_data(tmp_path, tiny):
+    summary = run_local(tmp_path, "fmt", tiny(max_epochs=1))
+    ckpt = Path(summary.latest_checkpoint)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "optimizer.pt", "scheduler.pt", "state.json"]
+    state = read_checkpoint_state(ckpt)
+    assert state["position"] == {"epoch": 1, "batch_in_epoch": 0, "global_step": 12}
+    assert state["config"]["family"] == "baseline" and state["config"]["seed"] == 0
+    assert set(state["files"]) == {"model.safetensors", "optimizer.pt", "scheduler.pt"}
+    assert "val_accuracy" in state["metrics"]
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert optim["state"] and optim["param_groups"][0]["lr"] > 0
+    torch.load(ckpt / "scheduler.pt", weights_only=True)
+    # The weights load into a freshly built model of the same config.
+    from models.tinyimagenet.model import build_model
+
+    model = build_model("baseline", 4, 4)
+    model.load_state_dict(weights(ckpt))
+    # A flipped byte is caught and named.
+    raw = bytearray((ckpt / "model.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (ckpt / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        read_checkpoint_state(ckpt)
+
+
+def test_retention_keeps_newest(tmp_path, tiny):
+    summary = run_local(tmp_path, "keep", tiny(max_epochs=2, checkpoint_every_batches=2, keep_checkpoints=2))
+    kept = sorted(p.name for p in Path(summary.run_path).glob("checkpoint_*"))
+    assert kept == ["checkpoint_epoch0001_batch000010_step00000022", "checkpoint_epoch0002_batch000000_step00000024"]
+
+
+def test_run_files_metrics_tensorboard_samples(tmp_path, tiny):
+    summary = run_local(tmp_path, "files", tiny(max_epochs=2, eval_every_steps=6))
+    run = Path(summary.run_path)
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    # evals at steps 6 and 18 mid-epoch, plus the end of each epoch (12, 24)
+    assert metrics["step"].tolist() == [6, 12, 18, 24]
+    assert {"step", "epoch", "lr", "train_loss", "val_accuracy", "val_loss", "samples_per_s"} <= set(metrics.columns)
+    assert list(run.glob("tensorboard/events.out.tfevents.*"))
+    samples = sorted(p.name for p in (run / "samples").iterdir())
+    assert samples[0] == "step_00000000.json"  # the sampler ran before the first step
+    first = json.loads((run / "samples" / "step_00000000.json").read_text())
+    assert len(first["samples"]) == 2 and {"image", "label", "top3"} <= set(first["samples"][0])
+
+
+def test_non_finite_loss_stops_with_position(tmp_path, tiny):
+    task = get_task("tinyimagenet")
+    cfg = task.config_cls.model_validate(tiny())
+    real_loss = task.loss
+
+    def poisoned(model, batch):
+        loss, metrics = real_loss(model, batch)
+        return loss * float("nan"), metrics
+
+    task.loss = poisoned
+    with pytest.raises(TrainingHealthError, match="epoch 0, batch 0, step 0"):
+        train_torch(task, cfg, LocalSession(tmp_path / "nan", keep_checkpoints=1))
+
+
+def test_too_small_split_is_a_clear_error(tmp_path, tiny):
+    from raylab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="per_worker_batch_size"):
+        run_local(tmp_path, "small", tiny(per_worker_batch_size=500))
