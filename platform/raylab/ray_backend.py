@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from raylab.config import ConfigError, LaunchConfig, TrainConfig
+from raylab.config import LaunchConfig, TrainConfig
 
 # Ray's own chatter (controller state, "Failed to query Ray Train Controller actor
 # state", autoscaler hints) is not for the person watching a training run.
@@ -38,14 +38,18 @@ class ResourceError(RuntimeError):
 
 
 def ensure_ray(launch: LaunchConfig) -> bool:
-    """Connect to Ray (an existing cluster or a new embedded one); True if we started it."""
+    """Connect to Ray: a cluster at --address / RAY_ADDRESS, else an embedded local one.
+
+    Returns True when the run uses a local, fixed-size Ray (no cluster address):
+    there, workers that do not fit would wait forever, so they are checked.
+    """
     import ray
 
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        return False
     address = launch.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return not address
     common = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
     if address:
         ray.init(address=address, **common)
@@ -54,7 +58,7 @@ def ensure_ray(launch: LaunchConfig) -> bool:
     return True
 
 
-def check_resources(launch: LaunchConfig, embedded: bool) -> None:
+def check_resources(launch: LaunchConfig, local: bool) -> None:
     """Fail fast, in one sentence, where Ray would wait forever for resources."""
     import ray
 
@@ -62,7 +66,7 @@ def check_resources(launch: LaunchConfig, embedded: bool) -> None:
     need_cpu = launch.num_workers * launch.cpus_per_worker
     need_gpu = launch.num_workers if launch.use_gpu else 0
     have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    if not embedded:
+    if not local:
         return  # an autoscaling cluster may add the nodes it needs
     if need_cpu > have_cpu:
         raise ResourceError(
@@ -147,8 +151,8 @@ def run_on_ray(
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
-    embedded = ensure_ray(launch)
-    check_resources(launch, embedded)
+    local = ensure_ray(launch)
+    check_resources(launch, local)
     queue = Queue(actor_options={"num_cpus": 0}) if on_progress else None
     trainer = TorchTrainer(
         _train_worker,
