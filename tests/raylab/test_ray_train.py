@@ -79,7 +79,7 @@ def test_rerun_with_same_name_resumes_from_ray_checkpoint(ray_session, tmp_path,
     resumed = run_ray(tmp_path, "split", cfg)
     assert same_weights(weights(whole.latest_checkpoint), weights(resumed.latest_checkpoint))
     # Ray's retention (keep_checkpoints=3 here) applies to checkpoints in storage.
-    assert len(list((tmp_path / "split").glob("checkpoint_*"))) == 3
+    assert len(list((tmp_path / "split").glob("checkpoint_epoch*"))) == 3
 
 
 def test_worker_error_reaches_the_user_with_its_cause(ray_session, tmp_path, tiny):
