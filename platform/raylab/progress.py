@@ -11,9 +11,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 _SHOWN = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
@@ -33,7 +35,7 @@ def status_text(update: dict[str, Any]) -> str:
     if "samples_per_s" in update:
         parts.append(f"{update['samples_per_s']:.0f} samples/s")
     if update.get("last_checkpoint"):
-        parts.append(f"ckpt {update['last_checkpoint']}")
+        parts.append(f"last checkpoint {update['last_checkpoint']}")
     return "  ".join(parts)
 
 
@@ -46,18 +48,19 @@ class LiveProgress:
         self.live = self.console.is_terminal
         self.log_every_s = log_every_s
         self._last_log = 0.0
+        # Two lines: the bar with step counts and times, then the metrics, so neither is cut off.
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False,
+            TextColumn("[bold]{task.description}"), BarColumn(bar_width=30), TextColumn("step"), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
         )
-        self._task = None
+        self._status = Text("starting workers...", overflow="fold")
+        self._live = Live(Group(self._progress, self._status), console=self.console, refresh_per_second=4)
+        self._task = self._progress.add_task(title, total=None)
         self._last: dict[str, Any] = {}
 
     def __enter__(self) -> "LiveProgress":
         if self.live:
-            self._progress.start()
-            self._task = self._progress.add_task(self.title, total=None, status="starting workers...")
+            self._live.start()
         else:
             self.console.print(f"{self.title}: starting", soft_wrap=True)
         return self
@@ -67,9 +70,8 @@ class LiveProgress:
         self._last.update(update)
         merged = self._last
         if self.live:
-            self._progress.update(
-                self._task, completed=merged.get("global_step", 0), total=merged.get("total_steps"), status=status_text(merged)
-            )
+            self._progress.update(self._task, completed=merged.get("global_step", 0), total=merged.get("total_steps"))
+            self._status.plain = "  " + status_text(merged)
             return
         now = time.monotonic()
         if now - self._last_log >= self.log_every_s or any(k.startswith("val_") for k in update):
@@ -78,7 +80,7 @@ class LiveProgress:
 
     def __exit__(self, *exc: Any) -> None:
         if self.live:
-            self._progress.stop()
+            self._live.stop()
 
 
 def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
