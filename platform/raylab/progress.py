@@ -66,6 +66,9 @@ class LiveProgress:
         return self
 
     def __call__(self, update: dict[str, Any]) -> None:
+        notice = update.pop("notice", None)
+        if notice:
+            self.console.print(f"[yellow]note:[/] {notice}", soft_wrap=True, highlight=False)
         # Eval rows carry val_* keys; keep the last values so the line never flickers empty.
         self._last.update(update)
         merged = self._last

@@ -52,7 +52,14 @@ def ensure_ray(launch: LaunchConfig) -> bool:
         return not address
     common = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
     if address:
-        ray.init(address=address, **common)
+        try:
+            ray.init(address=address, **common)
+        except ConnectionError as exc:
+            hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
+                " If the cluster uses token authentication (raylab's cluster.yaml does), set RAY_AUTH_MODE=token"
+                " and provide its token in ~/.ray/auth_token or RAY_AUTH_TOKEN."
+            )
+            raise ConnectionError(f"cannot connect to the Ray cluster at {address}: {exc}.{hint}") from None
         return False
     ray.init(include_dashboard=False, **common)
     return True

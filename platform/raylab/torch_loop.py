@@ -145,16 +145,25 @@ def train_torch(task: TorchTask, cfg: TrainConfig, session: Session) -> dict[str
 
     pos = Position()
     last_checkpoint = None
+    resume_notice = None
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
             state = read_checkpoint_state(ckpt)
             load_torch_state(ckpt, model, parts.optimizer, scheduler, device=session.device)
             pos = Position(**state["position"])
-            rngs = state.get("rng", [])
-            if len(rngs) == world:
-                restore_rng(rngs[rank])
-            else:  # a different worker count cannot replay the same streams; keep it deterministic anyway
+            saved_world = state.get("world_size", world)
+            if saved_world == world:
+                restore_rng(state["rng"][rank])
+            else:
+                # Other worker counts shard the data differently: keep the number of samples of
+                # this epoch already seen, and fresh (still seeded) RNG streams.
+                pos.batch_in_epoch = pos.batch_in_epoch * saved_world // world // accum * accum
                 _seed_all(cfg.seed + 1 + rank + 7919 * pos.global_step)
+                resume_notice = (
+                    f"resuming a {saved_world}-worker checkpoint with {world} worker(s): continuing epoch {pos.epoch} at "
+                    f"batch {pos.batch_in_epoch} (same samples seen, approximately the same ones); bit-exact resume needs "
+                    f"{saved_world} workers"
+                )
             last_checkpoint = Path(ckpt).name
         else:
             _seed_all(cfg.seed + 1 + rank)  # distinct dropout/noise streams per rank
@@ -228,6 +237,8 @@ def train_torch(task: TorchTask, cfg: TrainConfig, session: Session) -> dict[str
         last_metrics = row
         progress(**{k: v for k, v in row.items() if k not in ("step", "epoch")})
 
+    if resume_notice:
+        progress(notice=resume_notice)
     if pos.global_step == 0:
         write_samples()  # fail on a broken sampler now, not after hours of training
     train_model.train()

@@ -128,3 +128,20 @@ def test_too_small_split_is_a_clear_error(tmp_path, tiny):
 
     with pytest.raises(ConfigError, match="per_worker_batch_size"):
         run_local(tmp_path, "small", tiny(per_worker_batch_size=500))
+
+
+def test_resume_with_another_worker_count_keeps_samples_seen_and_says_so(tmp_path, tiny):
+    first = run_local(tmp_path, "elastic", tiny(checkpoint_every_batches=3, max_steps=3))
+    # Pretend 2 workers wrote it: 3 batches per worker = 6 single-worker batches of this epoch.
+    state_path = Path(first.latest_checkpoint) / "state.json"
+    state = json.loads(state_path.read_text())
+    state["world_size"], state["rng"] = 2, state["rng"] * 2
+    state_path.write_text(json.dumps(state))
+    updates: list[dict] = []
+    task = get_task("tinyimagenet")
+    cfg = task.config_cls.model_validate(tiny(checkpoint_every_batches=3, max_steps=4))
+    train_torch(task, cfg, LocalSession(Path(first.run_path), keep_checkpoints=3, on_progress=updates.append))
+    notices = [u["notice"] for u in updates if "notice" in u]
+    assert notices and "2-worker checkpoint with 1 worker(s)" in notices[0] and "batch 6" in notices[0]
+    with LocalSession(Path(first.run_path), keep_checkpoints=3).latest_checkpoint() as latest:
+        assert read_checkpoint_state(latest)["position"] == {"epoch": 0, "batch_in_epoch": 7, "global_step": 4}
