@@ -57,6 +57,18 @@ def prepare(task_name: str, stage: str, overrides: dict[str, Any] | None = None,
     return task, cfg
 
 
+def check_storage(fs, run_path: str, storage: str) -> None:
+    """Create the run folder and prove it is writable, before any worker starts."""
+    probe = f"{run_path}/.raylab-write-check"
+    try:
+        fs.create_dir(run_path, recursive=True)
+        with fs.open_output_stream(probe) as fh:
+            fh.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"storage '{storage}' is not writable ({exc}); pass a writable --storage folder or URI.") from None
+
+
 @dataclass
 class RunSummary:
     name: str
@@ -89,6 +101,7 @@ def train(
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     fs, run_path = run_filesystem(storage, name)
+    check_storage(fs, run_path, launch.storage_path)
     started = time.perf_counter()
     if launch.num_workers == 0:
         from raylab.session import LocalSession

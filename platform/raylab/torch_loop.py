@@ -237,6 +237,8 @@ def train_torch(task: TorchTask, cfg: TrainConfig, session: Session) -> dict[str
         last_metrics = row
         progress(**{k: v for k, v in row.items() if k not in ("step", "epoch")})
 
+    if pos.global_step >= total_steps and last_checkpoint:
+        resume_notice = f"run already complete at step {pos.global_step} ({last_checkpoint}); nothing to train. Raise max_epochs to continue it."
     if resume_notice:
         progress(notice=resume_notice)
     if pos.global_step == 0:

@@ -72,3 +72,11 @@ def test_models_lists_stages_and_parameter_counts():
     for stage in ("quick", "medium", "full"):
         assert stage in result.output
     assert "11,271,432" in result.output  # ResNet-18 at 200 classes, the published size
+
+
+def test_unwritable_storage_exit_2_before_any_worker_starts(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = runner.invoke(app, ["train", "tinyimagenet", "--workers", "0", "--storage", str(blocker / "runs")])
+    assert result.exit_code == 2, result.output
+    assert "is not writable" in " ".join(result.output.split()) and "a-file" in result.output
