@@ -44,6 +44,14 @@ def read_metrics(fs: pafs.FileSystem, run_path: str) -> pd.DataFrame:
         return pq.read_table(fh).to_pandas()
 
 
+def write_file(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write through a temporary name and move into place: readers never see half a file."""
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(f"{path}.tmp") as fh:
+        fh.write(data)
+    fs.move(f"{path}.tmp", path)
+
+
 class MetricsLog:
     """Append-only (per run attempt) metrics table persisted as Parquet."""
 
@@ -60,12 +68,9 @@ class MetricsLog:
 
     def _write(self) -> None:
         table = pa.Table.from_pandas(pd.DataFrame(self.rows), preserve_index=False)
-        self.fs.create_dir(self.run_path, recursive=True)
-        final = f"{self.run_path}/{METRICS_FILE}"
-        tmp = f"{final}.tmp"
-        with self.fs.open_output_stream(tmp) as fh:
-            pq.write_table(table, fh)
-        self.fs.move(tmp, final)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        write_file(self.fs, f"{self.run_path}/{METRICS_FILE}", buffer.getvalue().to_pybytes())
 
 
 class TensorBoardLog:

@@ -25,7 +25,7 @@ model code (torch, TensorFlow) until a model is asked for.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 from raylab.config import ConfigError, TrainConfig
@@ -64,7 +64,6 @@ class TorchParts:
     # (optimizer, total optimizer steps) -> LR scheduler stepped once per optimizer step
     make_scheduler: Callable[[Any, int], Any] | None = None
     collate_fn: Callable[[list[Any]], Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from raylab.checkpoint import capture_rng, finalize_checkpoint, load_torch_state, read_checkpoint_state, restore_rng, save_torch_state
 from raylab.config import ConfigError, TrainConfig
-from raylab.run_storage import MetricsLog, TensorBoardLog
+from raylab.run_storage import MetricsLog, TensorBoardLog, write_file
 from raylab.session import Session
 from raylab.task import TaskContext, TorchTask
 
@@ -196,9 +196,7 @@ def train_torch(task: TorchTask, cfg: TrainConfig, session: Session) -> dict[str
             samples = task.sample(model, cfg.num_samples, ctx)
         model.train()
         payload = json.dumps({"step": pos.global_step, "epoch": pos.epoch, "samples": samples}, indent=2, default=str)
-        session.run_fs.create_dir(f"{session.run_path}/samples", recursive=True)
-        with session.run_fs.open_output_stream(f"{session.run_path}/samples/step_{pos.global_step:08d}.json") as fh:
-            fh.write(payload.encode())
+        write_file(session.run_fs, f"{session.run_path}/samples/step_{pos.global_step:08d}.json", payload.encode())
 
     def evaluate() -> dict[str, float]:
         model.eval()
