@@ -104,6 +104,7 @@ def train(
         if best is not None:
             rows.append((f"best {key}", f"{best:.4g}"))
     rows.append(("latest checkpoint", summary.latest_checkpoint or "none"))
+    rows.append(("curves", summary.curves or "none"))
     out.print(summary_table(f"{model} {stage}: done", rows))
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from raylab.config import ConfigError, LaunchConfig, TrainConfig, resolve_config
+from raylab.plots import write_curves
 from raylab.run_storage import read_metrics, run_filesystem
 from raylab.task import TorchTask, get_task
 
@@ -76,6 +77,7 @@ class RunSummary:
     wall_s: float
     metrics: pd.DataFrame = field(repr=False)
     latest_checkpoint: str | None = None
+    curves: str | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -116,4 +118,6 @@ def train(
 
         result = run_on_ray(task_name, cfg, launch, name, storage, on_progress)
         latest_checkpoint = result.latest_checkpoint
-    return RunSummary(name, run_path, time.perf_counter() - started, read_metrics(fs, run_path), latest_checkpoint)
+    metrics = read_metrics(fs, run_path)
+    curves = write_curves(fs, run_path, metrics, f"{task_name} {stage}: {name}")
+    return RunSummary(name, run_path, time.perf_counter() - started, metrics, latest_checkpoint, curves)

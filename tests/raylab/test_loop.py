@@ -103,6 +103,8 @@ def test_run_files_metrics_tensorboard_samples(tmp_path, tiny):
     assert metrics["step"].tolist() == [6, 12, 18, 24]
     assert {"step", "epoch", "lr", "train_loss", "val_accuracy", "val_loss", "samples_per_s"} <= set(metrics.columns)
     assert list(run.glob("tensorboard/events.out.tfevents.*"))
+    assert summary.curves == str(run / "curves.png")
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = sorted(p.name for p in (run / "samples").iterdir())
     assert samples[0] == "step_00000000.json"  # the sampler ran before the first step
     first = json.loads((run / "samples" / "step_00000000.json").read_text())

@@ -59,6 +59,7 @@ def test_quick_stage_through_the_cli_learns(tmp_path):
     state = read_checkpoint_state(checkpoints[-1])
     assert state["world_size"] == 1 and state["position"]["epoch"] == 3
     assert list(run.glob("tensorboard/events.out.tfevents.*"))
+    assert (run / "curves.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("workers", [1, 2])
