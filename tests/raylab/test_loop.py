@@ -147,3 +147,11 @@ def test_resume_with_another_worker_count_keeps_samples_seen_and_says_so(tmp_pat
     assert notices and "2-worker checkpoint with 1 worker(s)" in notices[0] and "batch 6" in notices[0]
     with LocalSession(Path(first.run_path), keep_checkpoints=3).latest_checkpoint() as latest:
         assert read_checkpoint_state(latest)["position"] == {"epoch": 0, "batch_in_epoch": 7, "global_step": 4}
+
+
+def test_data_loader_processes_do_not_change_the_result(tmp_path, tiny):
+    # Augmentation is a function of (seed, epoch, index), and the loop fixes the order:
+    # loading in 2 worker processes must give the very same weights as loading in-process.
+    inline = run_local(tmp_path, "inline", tiny(seed=5, max_epochs=1))
+    forked = run_local(tmp_path, "forked", tiny(seed=5, max_epochs=1, data_loader_workers=2))
+    assert_same_weights(weights(inline.latest_checkpoint), weights(forked.latest_checkpoint))
