@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from raylab.config import STAGES, ConfigError, LaunchConfig, parse_overrides, read_experiment, stage_values, validate_config
+from raylab.config import STAGES, ConfigError, make_launch_config, parse_overrides, read_experiment, stage_values, validate_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, sweep and checkpoint real models on Ray.")
 out = Console()
@@ -72,14 +72,12 @@ def train(
     try:
         overrides = parse_overrides(set_)
         prepare(model, stage, overrides, experiment)  # validate before anything starts
-        launch = LaunchConfig(
+        launch = make_launch_config(
             num_workers=workers, use_gpu=gpus, cpus_per_worker=cpus_per_worker, storage_path=storage,
             name=name, address=address, max_failures=max_failures,
         )
     except ConfigError as exc:
         _fail(str(exc), 2)
-    except ValueError as exc:  # pydantic on LaunchConfig: a bad flag value
-        _fail(f"invalid option: {exc}", 2)
 
     try:
         with LiveProgress(f"{model} {stage}") as live:

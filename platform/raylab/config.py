@@ -75,6 +75,22 @@ class LaunchConfig(BaseModel):
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint before giving up (-1: forever).")
 
 
+_FLAGS = {"num_workers": "--workers", "use_gpu": "--gpus", "cpus_per_worker": "--cpus-per-worker", "storage_path": "--storage",
+          "name": "--name", "address": "--address", "max_failures": "--max-failures"}
+
+
+def make_launch_config(**values: Any) -> LaunchConfig:
+    """LaunchConfig from command-line values; a bad one is a ConfigError naming the flag."""
+    try:
+        return LaunchConfig(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"option {_FLAGS.get(str(e['loc'][0]), e['loc'][0])} {e['msg'][0].lower() + e['msg'][1:]} (got {e.get('input')!r})"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"{problems}.") from None
+
+
 def _describe_error(err: dict[str, Any]) -> str:
     field = ".".join(str(p) for p in err["loc"]) or "config"
     kind = err["type"]

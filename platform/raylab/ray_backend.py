@@ -22,15 +22,13 @@ from typing import Any, Callable, Iterator
 
 from raylab.config import LaunchConfig, TrainConfig
 
-# Ray's own chatter (controller state, "Failed to query Ray Train Controller actor
-# state", autoscaler hints) is not for the person watching a training run.
-_QUIET_ENV = {
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_METRICS_ENABLED": "0",
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-    "RAY_DEDUP_LOGS": "1",
-    "RAY_CHDIR_TO_TRIAL_DIR": "0",
-}
+# Every run: workers keep the driver's working directory, so relative paths in a
+# config (data_dir) mean the same thing on the driver and on the workers.
+_RUN_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
+# Only for the embedded single-machine Ray: skip helpers that matter on a real
+# cluster (spot-preemption watcher, Prometheus metrics) and cost startup time on
+# a laptop. A cluster joined with --address keeps Ray's defaults.
+_EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
 class ResourceError(RuntimeError):
@@ -45,11 +43,14 @@ def ensure_ray(launch: LaunchConfig) -> bool:
     """
     import ray
 
-    for key, value in _QUIET_ENV.items():
+    for key, value in _RUN_ENV.items():
         os.environ.setdefault(key, value)
     address = launch.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return not address
+    # Workers' logs and Ray's own chatter (e.g. the placement-group cleaner's repeated
+    # "Failed to query Ray Train Controller actor state") stay in Ray's log files;
+    # the driver shows one display, and worker errors still arrive through fit().
     common = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
     if address:
         try:
@@ -61,6 +62,8 @@ def ensure_ray(launch: LaunchConfig) -> bool:
             )
             raise ConnectionError(f"cannot connect to the Ray cluster at {address}: {exc}.{hint}") from None
         return False
+    for key, value in _EMBEDDED_ENV.items():
+        os.environ.setdefault(key, value)
     ray.init(include_dashboard=False, **common)
     return True
 

@@ -54,7 +54,6 @@ class LocalSession:
         self.keep = keep_checkpoints
         self.on_progress = on_progress
         self.device = device
-        self.reports: list[dict[str, Any]] = []
 
     def _checkpoints(self) -> list[tuple[tuple[int, int, int], Path]]:
         found = []
@@ -71,7 +70,6 @@ class LocalSession:
         yield found[-1][1] if found else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, checkpoint_name: str | None) -> None:
-        self.reports.append(dict(metrics))
         if checkpoint_dir is None:
             return
         target = self.run_dir / (checkpoint_name or Path(checkpoint_dir).name)

@@ -58,6 +58,12 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank
     return [mine[i * batch_size:(i + 1) * batch_size].tolist() for i in range(num_batches)]
 
 
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """'field old -> new' for every field that differs, '' when none does."""
+    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    return ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in keys)
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -93,6 +99,23 @@ def _all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def weights_fingerprint(model: torch.nn.Module) -> list[float]:
+    """Per-parameter float64 sums: identical on every rank when data parallelism is working."""
+    with torch.no_grad():
+        return [float(p.detach().double().sum()) for p in model.parameters()]
+
+
+def check_replicas_agree(fingerprints: list[list[float]], step: int) -> None:
+    """Raise if any rank's weights differ from rank 0's (gradients not synchronised, or rank-dependent code)."""
+    for rank, fp in enumerate(fingerprints[1:], start=1):
+        if fp != fingerprints[0]:
+            first = next(i for i, (a, b) in enumerate(zip(fingerprints[0], fp)) if a != b)
+            raise TrainingHealthError(
+                f"worker {rank}'s weights differ from worker 0's at step {step} (first at parameter #{first}): "
+                "gradients are not being synchronised across workers, or model code depends on the rank."
+            )
 
 
 class _Window:
@@ -138,10 +161,11 @@ def train_torch(task: TorchTask, cfg: TrainConfig, session: Session) -> dict[str
             f"{cfg.per_worker_batch_size} x grad_accum_steps {accum}; lower per_worker_batch_size."
         )
     steps_per_epoch = batches_per_epoch // accum
-    total_steps = steps_per_epoch * cfg.max_epochs
+    # The schedule's length: the whole run as configured, whatever attempt this is.
+    scheduled_steps = steps_per_epoch * cfg.max_epochs
     if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    scheduler = parts.make_scheduler(parts.optimizer, total_steps) if parts.make_scheduler else None
+        scheduled_steps = min(scheduled_steps, cfg.max_steps)
+    scheduler = parts.make_scheduler(parts.optimizer, scheduled_steps) if parts.make_scheduler else None
 
     pos = Position()
     last_checkpoint = None
@@ -164,6 +188,10 @@ def train_torch(task: TorchTask, cfg: TrainConfig, session: Session) -> dict[str
                     f"batch {pos.batch_in_epoch} (same samples seen, approximately the same ones); bit-exact resume needs "
                     f"{saved_world} workers"
                 )
+            changed = config_changes(state.get("config", {}), cfg.model_dump(mode="json"))
+            if changed:
+                notice = f"resuming {Path(ckpt).name} with changed config: {changed}"
+                resume_notice = f"{resume_notice}; {notice}" if resume_notice else notice
             last_checkpoint = Path(ckpt).name
         else:
             _seed_all(cfg.seed + 1 + rank)  # distinct dropout/noise streams per rank
@@ -215,7 +243,9 @@ def train_torch(task: TorchTask, cfg: TrainConfig, session: Session) -> dict[str
         window.reset()
         checkpoint_dir, name = None, None
         if with_checkpoint:
-            rngs = _all_gather_object(capture_rng())
+            gathered = _all_gather_object((capture_rng(), weights_fingerprint(model)))
+            rngs = [rng for rng, _ in gathered]
+            check_replicas_agree([fp for _, fp in gathered], pos.global_step)
             if main:
                 checkpoint_dir = Path(tempfile.mkdtemp(prefix="raylab-ckpt-"))
                 save_torch_state(checkpoint_dir, model, parts.optimizer, scheduler)
@@ -235,15 +265,27 @@ def train_torch(task: TorchTask, cfg: TrainConfig, session: Session) -> dict[str
         last_metrics = row
         progress(**{k: v for k, v in row.items() if k not in ("step", "epoch")})
 
-    if pos.global_step >= total_steps and last_checkpoint:
-        resume_notice = f"run already complete at step {pos.global_step} ({last_checkpoint}); nothing to train. Raise max_epochs to continue it."
+    def finished() -> bool:
+        # Epochs (or max_steps) end a run, not a step total: a resumed run whose batch size
+        # changed still trains the epochs it was asked for.
+        return pos.epoch >= cfg.max_epochs or (cfg.max_steps is not None and pos.global_step >= cfg.max_steps)
+
+    # What the display counts down to, from where this attempt starts.
+    remaining = (batches_per_epoch - min(pos.batch_in_epoch, batches_per_epoch)) // accum + max(0, cfg.max_epochs - pos.epoch - 1) * steps_per_epoch
+    total_steps = pos.global_step + remaining if pos.epoch < cfg.max_epochs else pos.global_step
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    if finished() and last_checkpoint:
+        complete = f"run already complete at step {pos.global_step} ({last_checkpoint}); nothing to train. Raise max_epochs to continue it"
+        resume_notice = f"{resume_notice}; {complete}" if resume_notice else complete
     if resume_notice:
         progress(notice=resume_notice)
     if pos.global_step == 0:
         write_samples()  # fail on a broken sampler now, not after hours of training
     train_model.train()
-    done = pos.global_step >= total_steps
-    while not done and pos.epoch < cfg.max_epochs:
+    done = finished()
+    while not done:
         plan = epoch_batches(num_samples, cfg.per_worker_batch_size, cfg.seed, pos.epoch, rank, world, accum)
         if hasattr(parts.train_data, "set_epoch"):
             parts.train_data.set_epoch(pos.epoch)
@@ -277,7 +319,7 @@ def train_torch(task: TorchTask, cfg: TrainConfig, session: Session) -> dict[str
             pos.global_step += 1
             now = time.perf_counter()
             window.seconds += now - tick
-            done = pos.global_step >= total_steps
+            done = cfg.max_steps is not None and pos.global_step >= cfg.max_steps
             epoch_ends = pos.batch_in_epoch == len(plan)
             if pos.global_step % cfg.log_every_steps == 0:
                 if tensorboard is not None:
@@ -297,13 +339,13 @@ def train_torch(task: TorchTask, cfg: TrainConfig, session: Session) -> dict[str
             if done:
                 break
             tick = time.perf_counter()
-        if pos.batch_in_epoch == len(plan):
+        if pos.batch_in_epoch >= len(plan):
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
             eval_metrics = evaluate()
             if not cfg.sample_every_steps:
                 write_samples()
             report(eval_metrics, with_checkpoint=True)
-            done = done or pos.global_step >= total_steps
+            done = finished()
     if tensorboard is not None:
         tensorboard.close()
     return last_metrics

@@ -155,3 +155,25 @@ def test_data_loader_processes_do_not_change_the_result(tmp_path, tiny):
     inline = run_local(tmp_path, "inline", tiny(seed=5, max_epochs=1))
     forked = run_local(tmp_path, "forked", tiny(seed=5, max_epochs=1, data_loader_workers=2))
     assert_same_weights(weights(inline.latest_checkpoint), weights(forked.latest_checkpoint))
+
+
+def test_replica_check_names_the_diverged_worker():
+    from raylab.torch_loop import check_replicas_agree
+
+    check_replicas_agree([[1.0, 2.0], [1.0, 2.0]], step=5)  # in sync: silent
+    with pytest.raises(TrainingHealthError, match="worker 1's weights differ from worker 0's at step 5 .first at parameter #1"):
+        check_replicas_agree([[1.0, 2.0], [1.0, 2.5]], step=5)
+
+
+def test_resume_with_changed_batch_size_names_the_change_and_finishes(tmp_path, tiny):
+    # batch 4: 24 batches an epoch; stop at batch 20. With batch 8 an epoch has only 12
+    # batches, so batch 20 is past its end: the epoch must end, not loop forever.
+    run_local(tmp_path, "rebatch", tiny(per_worker_batch_size=4, max_epochs=1, checkpoint_every_batches=10, max_steps=20))
+    updates: list[dict] = []
+    task = get_task("tinyimagenet")
+    cfg = task.config_cls.model_validate(tiny(per_worker_batch_size=8, max_epochs=2))
+    train_torch(task, cfg, LocalSession(tmp_path / "rebatch", keep_checkpoints=3, on_progress=updates.append))
+    notices = [u["notice"] for u in updates if "notice" in u]
+    assert notices and "per_worker_batch_size 4 -> 8" in notices[0] and "max_epochs 1 -> 2" in notices[0]
+    with LocalSession(tmp_path / "rebatch", keep_checkpoints=3).latest_checkpoint() as latest:
+        assert read_checkpoint_state(latest)["position"] == {"epoch": 2, "batch_in_epoch": 0, "global_step": 32}
