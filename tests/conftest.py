@@ -15,6 +15,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_cache(tmp_path_factory):
+    """Generated datasets go to a folder of this session's: a test never depends on what
+    ~/.cache holds. Set before Ray starts, so workers and CLI subprocesses inherit it."""
+    os.environ["RAYLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("raylab-cache"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

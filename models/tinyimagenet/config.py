@@ -26,7 +26,7 @@ class TinyImageNetConfig(TrainConfig):
         None, description="A TinyImageNet-200 folder (wnids.txt, train/, val/); None: generate a synthetic dataset in that layout."
     )
     synthetic_dir: Path | None = Field(
-        None, description="Where the synthetic dataset is written (None: ~/.cache/raylab/tinyimagenet-synthetic/<its parameters>)."
+        None, description="Where the synthetic dataset is written (None: <raylab cache>/tinyimagenet-synthetic/<its parameters>; the cache is $RAYLAB_CACHE_DIR, else ~/.cache/raylab)."
     )
     synthetic_classes: int = Field(10, ge=2, description="Classes of the synthetic dataset.")
     synthetic_train_per_class: int = Field(100, gt=0, description="Training images per synthetic class (500 in the real set).")

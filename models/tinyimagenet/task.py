@@ -19,14 +19,15 @@ from torch.utils.data import DataLoader
 from models.tinyimagenet.config import TinyImageNetConfig
 from models.tinyimagenet.data import DataError, ImageClassificationDataset, load_index, write_synthetic
 from models.tinyimagenet.model import build_model, count_parameters
-from raylab.task import TaskContext, TorchParts
+from raylab.cache import cache_dir
+from raylab.task import SampleOptions, TaskContext, TorchParts
 
 
 def synthetic_root(cfg: TinyImageNetConfig) -> Path:
     if cfg.synthetic_dir is not None:
         return cfg.synthetic_dir
     name = f"c{cfg.synthetic_classes}-n{cfg.synthetic_train_per_class}-v{cfg.synthetic_val_per_class}-s{cfg.synthetic_seed}"
-    return Path.home() / ".cache" / "raylab" / "tinyimagenet-synthetic" / name
+    return cache_dir("tinyimagenet-synthetic", name)
 
 
 def make_optimizer(cfg: TinyImageNetConfig, params) -> torch.optim.Optimizer:
@@ -47,6 +48,7 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str)
 
 class TinyImageNetTask:
     config_cls = TinyImageNetConfig
+    headline_metrics = ("loss", "accuracy")
 
     def build(self, cfg: TinyImageNetConfig, ctx: TaskContext) -> TorchParts:
         if cfg.data_dir is not None:
@@ -99,7 +101,7 @@ class TinyImageNetTask:
         n = max(total["count"], 1.0)
         return {"loss": total["loss"] / n, "accuracy": total["correct"] / n, "top5_accuracy": total["top5"] / n}
 
-    def sample(self, model: torch.nn.Module, n: int, ctx: TaskContext) -> list[dict[str, Any]]:
+    def sample(self, model: torch.nn.Module, n: int, ctx: TaskContext, options: SampleOptions | None = None) -> list[dict[str, Any]]:
         """Predictions on the first n validation images: what the model thinks, in words."""
         n = min(n, len(self.val_data))
         if n == 0:

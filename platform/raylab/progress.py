@@ -9,7 +9,7 @@ every evaluation, so job logs stay readable.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -42,12 +42,15 @@ def status_text(update: dict[str, Any]) -> str:
 class LiveProgress:
     """Feed it progress updates from the loop; use as a context manager."""
 
-    def __init__(self, title: str, console: Console | None = None, log_every_s: float = 10.0):
+    def __init__(self, title: str, console: Console | None = None, log_every_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.console = console or Console(stderr=True)
         self.title = title
         self.live = self.console.is_terminal
         self.log_every_s = log_every_s
-        self._last_log = 0.0
+        self._clock = clock
+        # None until the first line: monotonic clocks start anywhere (at boot on Linux), so
+        # "now - 0.0" says nothing about whether anything was printed yet.
+        self._last_log: float | None = None
         # Two lines: the bar with step counts and times, then the metrics, so neither is cut off.
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(bar_width=30), TextColumn("step"), MofNCompleteColumn(),
@@ -76,8 +79,9 @@ class LiveProgress:
             self._progress.update(self._task, completed=merged.get("global_step", 0), total=merged.get("total_steps"))
             self._status.plain = "  " + status_text(merged)
             return
-        now = time.monotonic()
-        if now - self._last_log >= self.log_every_s or any(k.startswith("val_") for k in update):
+        now = self._clock()
+        due = self._last_log is None or now - self._last_log >= self.log_every_s
+        if due or any(k.startswith("val_") for k in update):
             self._last_log = now
             self.console.print(f"{self.title}: step {merged.get('global_step', 0)}/{merged.get('total_steps', '?')}  {status_text(merged)}", soft_wrap=True)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from raylab.cache import raylab_environment
 from raylab.config import LaunchConfig, TrainConfig
 
 # Every run: workers keep the driver's working directory, so relative paths in a
@@ -64,7 +65,9 @@ def ensure_ray(launch: LaunchConfig) -> bool:
         return False
     for key, value in _EMBEDDED_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(include_dashboard=False, **common)
+    # address="local": always a new instance of our own. With no address, ray.init would
+    # join whatever cluster `ray start` last left on this machine (/tmp/ray/ray_current_cluster).
+    ray.init(address="local", include_dashboard=False, **common)
     return True
 
 
@@ -132,6 +135,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     from raylab.task import get_task
     from raylab.torch_loop import train_torch
 
+    os.environ.update(config.get("env", {}))  # RAYLAB_* of the driver (cache folder, ...)
     task = get_task(config["task"])
     cfg = task.config_cls.model_validate(config["cfg"])
     train_torch(task, cfg, RaySession(config["progress_queue"]))
@@ -166,7 +170,7 @@ def run_on_ray(
     queue = Queue(actor_options={"num_cpus": 0}) if on_progress else None
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"task": task_name, "cfg": cfg.model_dump(mode="json"), "progress_queue": queue},
+        train_loop_config={"task": task_name, "cfg": cfg.model_dump(mode="json"), "progress_queue": queue, "env": raylab_environment()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=launch.num_workers, use_gpu=launch.use_gpu,
             resources_per_worker={"CPU": launch.cpus_per_worker, **({"GPU": 1} if launch.use_gpu else {})},

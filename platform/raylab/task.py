@@ -9,9 +9,13 @@ answers these questions:
     build(cfg, ctx) -> TorchParts   model, optimizer, scheduler, training dataset
     loss(model, batch)              (loss tensor, {metric: tensor}) for one micro-batch
     evaluate(model, ctx)            {metric: float} over the validation split
-    sample(model, n, ctx)           n JSON-able inference outputs (periodic samples)
+    sample(model, n, ctx, options)  n JSON-able inference outputs (periodic samples,
+                                    `raylab sample`): a list of dicts, or a
+                                    SampleOutput adding metrics and a PNG
     describe(cfg)                   one line for `raylab models`
     num_parameters(cfg)             parameter count of the model `cfg` builds
+    headline_metrics                metric names (no train_/val_ prefix) the live
+                                    line shows, e.g. ("loss", "cls_loss", "geo_loss")
 
 The loss/step split (rather than a `train_step` that steps the optimizer) is
 what lets the loop own accumulation, DDP's no_sync and gradient clipping once
@@ -25,7 +29,7 @@ model code (torch, TensorFlow) until a model is asked for.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 from raylab.config import ConfigError, TrainConfig
@@ -64,6 +68,30 @@ class TorchParts:
     # (optimizer, total optimizer steps) -> LR scheduler stepped once per optimizer step
     make_scheduler: Callable[[Any, int], Any] | None = None
     collate_fn: Callable[[list[Any]], Any] | None = None
+    # JSON-able facts stored in every checkpoint's state.json under "task_metadata"
+    # (e.g. class names, tokenizer kind) so a checkpoint can be used without the data.
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SampleOptions:
+    """What `raylab sample` may ask of a task's sampler; a task ignores what does not apply to it."""
+
+    label: int | str | None = None  # a class index or name to condition on (None: cycle through classes)
+    guidance: float | None = None  # classifier-free guidance scale (None: the config's default)
+    steps: int | None = None  # sampler steps, e.g. DDIM steps (None: the config's default)
+    seed: int | None = None  # sampling noise seed (None: derived from the run's seed and step)
+
+
+@dataclass
+class SampleOutput:
+    """A sampling round: the JSON-able samples, optional scalar metrics of the round
+    (recorded in metrics.parquet, e.g. sample_label_accuracy) and an optional PNG
+    (an image grid, written next to the round's JSON)."""
+
+    samples: list[dict[str, Any]]
+    metrics: dict[str, float] = field(default_factory=dict)
+    png: bytes | None = None
 
 
 @runtime_checkable
@@ -76,7 +104,7 @@ class TorchTask(Protocol):
 
     def evaluate(self, model: "torch.nn.Module", ctx: TaskContext) -> dict[str, float]: ...
 
-    def sample(self, model: "torch.nn.Module", n: int, ctx: TaskContext) -> list[dict[str, Any]]: ...
+    def sample(self, model: "torch.nn.Module", n: int, ctx: TaskContext, options: SampleOptions | None = None) -> "list[dict[str, Any]] | SampleOutput": ...
 
     def describe(self, cfg: TrainConfig) -> str: ...
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,11 +31,18 @@ def own_processes(marker: str) -> list[int]:
 
 
 @pytest.fixture
-def ray_head():
+def cluster_env() -> dict[str, str]:
+    """Token auth with a token of this test's own: never whatever ~/.ray/auth_token holds."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture
+def ray_head(cluster_env):
     temp_dir = tempfile.mkdtemp(prefix="rlhead-", dir="/tmp")  # short: Ray's socket paths have a length limit
     port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
+    env = cluster_env
     subprocess.run(
         ["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
          f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
@@ -54,9 +62,8 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_train_on_an_existing_cluster_by_address(ray_head, tmp_path, tiny):
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
+def test_train_on_an_existing_cluster_by_address(ray_head, cluster_env, tmp_path, tiny):
+    env = cluster_env
     sets = [f"--set={k}={v}" for k, v in tiny(max_epochs=1).items()]
     proc = subprocess.run(
         [shutil.which("raylab") or "raylab", "train", "tinyimagenet", "--address", ray_head, "--workers", "2",
