@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from raylab.config import STAGES, ConfigError, make_launch_config, parse_overrides, read_experiment, stage_values, validate_config
+from raylab.config import STAGES, ConfigError, make_launch_config, metric_mode, parse_overrides, read_experiment, stage_values, validate_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, sweep and checkpoint real models on Ray.")
 out = Console()
@@ -94,11 +94,10 @@ def train(
     final = summary.final
     rows = [("run", summary.name), ("path", summary.run_path), ("wall time", f"{summary.wall_s:.1f} s"),
             ("steps", str(int(final.get("step", 0)))), ("epochs", f"{final.get('epoch', 0):.2f}")]
-    for key in sorted(k for k in final if k.startswith(("val_", "train_"))):
+    for key in sorted(k for k in final if k.startswith(("val_", "train_", "sample_"))):
         rows.append((f"final {key}", f"{final[key]:.4g}"))
-    for key in sorted(k for k in summary.metrics.columns if k.startswith("val_")):
-        mode = "min" if "loss" in key else "max"
-        best = summary.best(key, mode)
+    for key in sorted(k for k in summary.metrics.columns if k.startswith(("val_", "sample_"))):
+        best = summary.best(key, metric_mode(key))
         if best is not None:
             rows.append((f"best {key}", f"{best:.4g}"))
     rows.append(("latest checkpoint", summary.latest_checkpoint or "none"))

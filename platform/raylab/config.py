@@ -50,6 +50,7 @@ class TrainConfig(BaseModel):
     eval_batch_size: int = Field(256, gt=0, description="Samples per batch during evaluation.")
     num_samples: int = Field(2, ge=0, description="Inference outputs written per sampling round to <run>/samples/ (0: never sample).")
     sample_every_steps: int = Field(0, ge=0, description="Optimizer steps between sampling rounds (0: with every evaluation). One round also runs before the first step, so a broken sampler fails in seconds, not hours.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the weights with this decay (e.g. 0.9999 for DiT), saved as ema.safetensors and used for evaluation and sampling (None: off).")
 
     @model_validator(mode="after")
     def _checkpoint_on_step_boundary(self) -> "TrainConfig":
@@ -77,6 +78,14 @@ class LaunchConfig(BaseModel):
 
 _FLAGS = {"num_workers": "--workers", "use_gpu": "--gpus", "cpus_per_worker": "--cpus-per-worker", "storage_path": "--storage",
           "name": "--name", "address": "--address", "max_failures": "--max-failures"}
+
+
+_LOWER_IS_BETTER = ("loss", "mae", "rmse", "mape", "error", "perplexity")
+
+
+def metric_mode(name: str) -> Literal["min", "max"]:
+    """Whether lower ("min") or higher ("max") values of a metric are better, from its name."""
+    return "min" if any(part in name.lower() for part in _LOWER_IS_BETTER) else "max"
 
 
 def make_launch_config(**values: Any) -> LaunchConfig:

@@ -1,7 +1,8 @@
 """What the person running `raylab train` sees: one live line, then a summary.
 
-On a terminal, a rich progress bar shows step, epoch, loss, accuracy,
-samples/s, ETA and the last checkpoint. Where output is a log (CI, `ray job
+On a terminal, a rich progress bar shows step, epoch, the task's headline
+metrics (loss and accuracy; CRAFT's loss, cls_loss, geo_loss; ...), the
+epoch's average loss, samples/s, ETA and the last checkpoint. Where output is a log (CI, `ray job
 submit`), the same facts are printed as a plain line at most every 10 s and at
 every evaluation, so job logs stay readable.
 """
@@ -17,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-_SHOWN = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+_DEFAULT_HEADLINE = ("loss", "accuracy")
 
 
 def _fmt(value: Any) -> str:
@@ -27,11 +28,21 @@ def _fmt(value: Any) -> str:
 
 
 def status_text(update: dict[str, Any]) -> str:
-    """The facts of one progress update as `key=value` pairs."""
+    """The facts of one progress update as `key=value` pairs: the task's headline metrics
+    (train values as `loss=`, validation values as `val_loss=`), the epoch's average loss,
+    throughput and the last checkpoint."""
     parts = [f"epoch {update.get('epoch', 0)}/{update.get('max_epochs', '?')}"]
-    for key in _SHOWN:
-        if key in update:
-            parts.append(f"{key.replace('train_', '')}={_fmt(update[key])}")
+    headline = update.get("headline_metrics") or _DEFAULT_HEADLINE
+    for name in headline:
+        if f"train_{name}" in update:
+            parts.append(f"{name}={_fmt(update[f'train_{name}'])}")
+    if "avg_loss" in update:
+        parts.append(f"avg_loss={_fmt(update['avg_loss'])}")
+    for name in headline:
+        if f"val_{name}" in update:
+            parts.append(f"val_{name}={_fmt(update[f'val_{name}'])}")
+    for key in sorted(k for k in update if k.startswith("sample_") and isinstance(update[k], float)):
+        parts.append(f"{key}={_fmt(update[key])}")
     if "samples_per_s" in update:
         parts.append(f"{update['samples_per_s']:.0f} samples/s")
     if update.get("last_checkpoint"):

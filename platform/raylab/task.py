@@ -111,6 +111,12 @@ class TorchTask(Protocol):
     def num_parameters(self, cfg: TrainConfig) -> int: ...
 
 
+def task_name_of(task: Any) -> str:
+    """The registry name of a task instance (its module path when it is not registered)."""
+    target = f"{type(task).__module__}:{type(task).__name__}"
+    return next((name for name, spec in TASKS.items() if spec == target), type(task).__module__)
+
+
 def get_task(name: str) -> TorchTask:
     """A fresh task instance for a registered model name."""
     if name not in TASKS:

@@ -1,0 +1,111 @@
+"""Loop features every model gets: EMA weights, sampling rounds with metrics and
+pictures, the sampling cadence, and the task's headline metrics on the display."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+from raylab.checkpoint import read_checkpoint_state
+from raylab.config import LaunchConfig
+from raylab.launch import train
+from raylab.session import LocalSession
+from raylab.task import SampleOutput, get_task
+from raylab.torch_loop import train_torch
+
+
+def run_local(tmp_path: Path, name: str, overrides: dict):
+    return train("tinyimagenet", "quick", overrides, LaunchConfig(num_workers=0, storage_path=str(tmp_path), name=name))
+
+
+def tensors(checkpoint: str | Path, file: str) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(Path(checkpoint) / file))
+
+
+def test_ema_is_saved_differs_from_live_weights_and_resumes_bit_identically(tmp_path, tiny):
+    cfg = tiny(seed=3, ema_decay=0.9, checkpoint_every_batches=4)
+    whole = run_local(tmp_path, "whole", cfg)
+    first = run_local(tmp_path, "split", {**cfg, "max_steps": 7})  # stops mid-epoch (12 batches an epoch)
+    assert read_checkpoint_state(first.latest_checkpoint)["position"]["batch_in_epoch"] == 7
+    resumed = run_local(tmp_path, "split", cfg)
+    ema_whole, ema_resumed = tensors(whole.latest_checkpoint, "ema.safetensors"), tensors(resumed.latest_checkpoint, "ema.safetensors")
+    assert ema_whole.keys() == ema_resumed.keys()
+    for key in ema_whole:
+        assert torch.equal(ema_whole[key], ema_resumed[key]), key
+    live = tensors(whole.latest_checkpoint, "model.safetensors")
+    assert live.keys() == ema_whole.keys()
+    floating = [k for k in live if live[k].is_floating_point() and "running" not in k and "num_batches" not in k]
+    assert any(not torch.equal(live[k], ema_whole[k]) for k in floating)  # the average lags the live weights
+    assert "ema.safetensors" in read_checkpoint_state(whole.latest_checkpoint)["files"]  # checksummed too
+
+
+def test_ema_weights_are_what_evaluation_sees(tmp_path, tiny):
+    # decay close to 1: the average barely leaves the initial weights, so evaluation with EMA
+    # on must score like an untrained model while the live weights have learned.
+    plain = run_local(tmp_path, "plain", tiny(seed=2, max_epochs=3))
+    frozen_average = run_local(tmp_path, "ema", tiny(seed=2, max_epochs=3, ema_decay=0.999999))
+    assert plain.final["train_accuracy"] == pytest.approx(frozen_average.final["train_accuracy"])
+    assert frozen_average.final["val_accuracy"] < plain.final["val_accuracy"]
+
+
+class ScoredSamples:
+    """A tinyimagenet task whose sampler returns a SampleOutput with a metric and a picture."""
+
+    def __new__(cls):
+        task = get_task("tinyimagenet")
+        real_sample = task.sample
+        calls = {"n": 0}
+
+        def sample(model, n, ctx, options=None):
+            assert not model.training and not torch.is_grad_enabled()
+            calls["n"] += 1
+            image = Image.new("RGB", (8, 8), (calls["n"] * 20, 0, 0))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            return SampleOutput(samples=real_sample(model, n, ctx), metrics={"sample_score": float(calls["n"])}, png=buffer.getvalue())
+
+        task.sample = sample
+        return task
+
+
+def test_sampling_rounds_write_json_png_and_metrics_rows(tmp_path, tiny):
+    task = ScoredSamples()
+    # 96 samples / batch 16 = 6 steps an epoch, 2 epochs; a round before step 1 and every 4 steps
+    cfg = task.config_cls.model_validate(tiny(sample_every_steps=4, num_samples=3, max_epochs=2, per_worker_batch_size=16))
+    updates: list[dict] = []
+    train_torch(task, cfg, LocalSession(tmp_path / "run", keep_checkpoints=2, on_progress=updates.append))
+    run = tmp_path / "run"
+    rounds = sorted(p.name for p in (run / "samples").glob("step_*.json"))
+    assert rounds == ["step_00000000.json", "step_00000004.json", "step_00000008.json", "step_00000012.json"]
+    payload = json.loads((run / "samples" / "step_00000004.json").read_text())
+    assert payload["step"] == 4 and payload["metrics"] == {"sample_score": 2.0} and len(payload["samples"]) == 3
+    assert payload["config"]["sample_every_steps"] == 4
+    assert Image.open(run / "samples" / "step_00000004.png").size == (8, 8)
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    scored = metrics.dropna(subset=["sample_score"])
+    assert scored[["step", "sample_score"]].values.tolist() == [[0, 1.0], [4, 2.0], [8, 3.0], [12, 4.0]]
+    # Evaluations stay on the epoch-end rows; the round at step 12 joined that step's row.
+    assert metrics.dropna(subset=["val_accuracy"])["step"].tolist() == [6, 12]
+    assert metrics["step"].tolist() == [0, 4, 6, 8, 12]
+    assert any("sample_score" in u for u in updates)
+
+
+def test_headline_metrics_reach_the_display(tmp_path, tiny):
+    task = get_task("tinyimagenet")
+    task.headline_metrics = ("loss",)
+    cfg = task.config_cls.model_validate(tiny(max_epochs=1))
+    updates: list[dict] = []
+    train_torch(task, cfg, LocalSession(tmp_path / "run", keep_checkpoints=1, on_progress=updates.append))
+    assert all(u["headline_metrics"] == ["loss"] for u in updates if "global_step" in u)
+    from raylab.progress import status_text
+
+    line = status_text(updates[-1])
+    assert "loss=" in line and "accuracy=" not in line.replace("val_accuracy", "")
+    assert any("avg_loss" in u for u in updates)
