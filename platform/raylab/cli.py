@@ -105,6 +105,36 @@ def train(
     out.print(summary_table(f"{model} {stage}: done", rows))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    command: List[str] = typer.Argument(..., help="The raylab command the job runs, after `--`: train|ladder|sweep ..."),
+    address: Optional[str] = typer.Option(None, help="The head's job API (default: RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)."),
+    working_dir: Optional[str] = typer.Option(None, help="Upload this raylab checkout as the job's working directory (default: use raylab as installed on the cluster)."),
+    env: List[str] = typer.Option([], "--env", help="Environment variable for the job: --env KEY=VALUE (repeatable)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job's log and exit with its outcome (--no-wait: print the job id and return)."),
+    agent_timeout_s: float = typer.Option(60.0, help="Seconds to keep retrying while the head's job agent is starting."),
+) -> None:
+    """Run a raylab command as a Ray job on a cluster; exits 0 if it SUCCEEDED, 1 if it FAILED or was STOPPED."""
+    from pathlib import Path
+
+    from raylab.submit import SubmitError, submit as submit_job
+
+    known = set(typer.main.get_command(app).commands) - {"submit"}
+    if command[0] not in known:
+        _fail(f"'{command[0]}' is not a raylab command; give one of {', '.join(sorted(known))} after `--`.", 2)
+    pairs = [item.partition("=") for item in env]
+    bad = [item for item, (key, sep, _) in zip(env, pairs) if not key or not sep]
+    if bad:
+        _fail(f"--env '{bad[0]}' is not of the form KEY=VALUE.", 2)
+    if working_dir is not None and not Path(working_dir).is_dir():
+        _fail(f"--working-dir {working_dir} is not a folder.", 2)
+    try:
+        code = submit_job(command, address, working_dir, {k: v for k, _, v in pairs}, follow=wait, agent_timeout_s=agent_timeout_s)
+    except SubmitError as exc:
+        _fail(str(exc), 1)
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 
