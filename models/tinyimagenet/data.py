@@ -17,10 +17,6 @@ ImageFolder at val/ instead sees a single class folder ("images"), which is the
 from __future__ import annotations
 
 import colorsys
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from raylab.datasets import DataError, write_once
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_PADDING = 4
 
 _IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
 _VAL_ANNOTATION_FIELDS = 6
-
-
-class DataError(ValueError):
-    """A dataset on disk is missing, incomplete or malformed."""
 
 
 # --------------------------------------------------------------------------
@@ -250,7 +244,6 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
 # Synthetic dataset in the real layout
 # --------------------------------------------------------------------------
 
-_MARKER_NAME = ".raylab_synthetic.json"
 _GENERATOR_VERSION = 1
 _GRAYSCALE_FRACTION = 0.05
 _JPEG_QUALITY = 90
@@ -284,26 +277,8 @@ def write_synthetic(
     dataset; a complete dataset with the same arguments is returned as is.
     """
     _check_synthetic_args(num_classes, train_per_class, val_per_class, seed, image_size)
-    root = Path(root).absolute()
     expected = _marker_content(num_classes, train_per_class, val_per_class, seed, image_size)
-    if _holds_dataset(root, expected):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    moved = False
-    try:
-        _write_layout(staging, num_classes, train_per_class, val_per_class, seed, image_size)
-        # Written last: its presence is what marks the dataset complete.
-        (staging / _MARKER_NAME).write_text(json.dumps(expected, indent=2, sort_keys=True))
-        # mkdtemp makes the folder private (0700); a shared dataset should not be.
-        staging.chmod(0o755)
-        moved = _move_into_place(staging, root, expected)
-    finally:
-        # Once moved, the staging name is free and may already belong to
-        # another writer's mkdtemp, so it must not be deleted then.
-        if not moved:
-            shutil.rmtree(staging, ignore_errors=True)
-    return root
+    return write_once(root, expected, lambda staging: _write_layout(staging, num_classes, train_per_class, val_per_class, seed, image_size))
 
 
 def _check_synthetic_args(
@@ -330,48 +305,6 @@ def _marker_content(
         "seed": seed,
         "image_size": image_size,
     }
-
-
-def _holds_dataset(root: Path, expected: dict[str, object]) -> bool:
-    """True if `root` is a complete matching dataset, False if it is free to
-    take (absent or an empty folder); DataError for anything else."""
-    if not root.exists():
-        return False
-    if not root.is_dir():
-        raise DataError(
-            f"{root} exists and is not a directory, so no synthetic dataset can be written there."
-        )
-    marker = root / _MARKER_NAME
-    if marker.is_file():
-        try:
-            found = json.loads(marker.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"The synthetic dataset marker {marker} is unreadable ({exc}).") from exc
-        if found == expected:
-            return True
-        raise DataError(
-            f"{root} holds a synthetic dataset written with different arguments "
-            f"({found}), not {expected}."
-        )
-    if any(root.iterdir()):
-        raise DataError(
-            f"{root} is a non-empty folder that is not a raylab synthetic dataset; "
-            "refusing to overwrite it."
-        )
-    return False
-
-
-def _move_into_place(staging: Path, root: Path, expected: dict[str, object]) -> bool:
-    """Rename `staging` to `root`; False if a matching dataset beat us to it."""
-    try:
-        # rename() is atomic and also replaces an empty directory at `root`.
-        os.rename(staging, root)
-    except OSError:
-        # Another writer got there first; theirs is fine if it matches.
-        if not _holds_dataset(root, expected):
-            raise
-        return False
-    return True
 
 
 def _write_layout(
