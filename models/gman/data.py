@@ -75,7 +75,7 @@ def read_traffic_h5(path: str | Path, time_slot_minutes: int = 5) -> TrafficSeri
         raise DataError(f"traffic file {path}: column {bad_columns[0]!r} is not numeric ({frame[bad_columns[0]].dtype}).")
     # NaN means missing too; the model and metrics treat 0 as missing, as METR-LA does.
     values = np.nan_to_num(frame.to_numpy(dtype="float32"), nan=0.0)
-    time = np.stack([index.weekday.to_numpy(), (seconds // slot).astype(np.int64)], axis=1).astype("int32")
+    time = np.stack([index.day_of_week.to_numpy(), (seconds // slot).astype(np.int64)], axis=1).astype("int32")
     return TrafficSeries(path, values, time, index, tuple(str(c) for c in frame.columns))
 
 
@@ -138,7 +138,7 @@ def read_spatial_embedding(path: str | Path, num_sensors: int, dims: int, traffi
 
 
 def laplacian_embedding(adjacency: np.ndarray, dims: int) -> np.ndarray:
-    """Spectral embedding [N, dims]: eigenvectors of the normalised graph Laplacian
+    """Spectral embedding [N, dims]: Laplacian eigenmaps of a weighted graph
     (smallest eigenvalues, the trivial one skipped), scaled by sqrt(N) to O(1)
     entries like node2vec's, sign-fixed so the result is deterministic, zero-padded
     when the graph has fewer than dims + 1 nodes."""
@@ -150,7 +150,10 @@ def laplacian_embedding(adjacency: np.ndarray, dims: int) -> np.ndarray:
     n = w.shape[0]
     laplacian = np.eye(n) - inv_sqrt[:, None] * w * inv_sqrt[None, :]
     _, vectors = np.linalg.eigh(laplacian)
-    vectors = vectors[:, 1 : dims + 1] * np.sqrt(n)
+    # Laplacian eigenmaps (Belkin & Niyogi): D^-1/2 u solves L f = lambda D f; isolated sensors get 0.
+    vectors = inv_sqrt[:, None] * vectors[:, 1 : dims + 1]
+    norms = np.linalg.norm(vectors, axis=0)
+    vectors = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0) * np.sqrt(n)
     largest = np.abs(vectors).argmax(axis=0)
     vectors *= np.where(vectors[largest, np.arange(vectors.shape[1])] < 0, -1.0, 1.0)
     out = np.zeros((n, dims), dtype="float32")
