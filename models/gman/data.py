@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from raylab.datasets import DataError
 
-class DataError(ValueError):
-    """A traffic or spatial-embedding file is missing or malformed; the message names it."""
+__all__ = ["DataError", "TrafficData", "TrafficSeries", "WindowSplit", "correlation_embedding", "laplacian_embedding",
+           "load_traffic", "read_spatial_embedding", "read_traffic_h5", "split_rows"]
 
 
 @dataclass(frozen=True)

@@ -9,28 +9,24 @@ cannot: today's rush-hour strength and incidents are visible upstream before
 they arrive, while the historical average sees only the typical week and the
 last value only the present.
 
-The files go to one folder, written in a temporary sibling and renamed into
-place (atomic), so every run — and every Ray worker — reads the same files
-through the real loaders; a complete folder with the same parameters is reused.
+The files go to one folder written once, atomically (`raylab.datasets.write_once`),
+so every run — and every Ray worker — reads the same files through the real
+loaders; a complete folder with the same parameters is reused.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from models.gman.data import DataError, laplacian_embedding
+from models.gman.data import laplacian_embedding
+from raylab.datasets import write_once
 
 GENERATOR_VERSION = 1
 TRAFFIC_FILE = "traffic.h5"
 SE_FILE = "SE.txt"
-_MARKER = "synthetic.json"
 _START = "2012-03-05"  # a Monday, the same week as METR-LA's first rows
 _STEPS_PER_DAY = 288  # 5-minute rows
 
@@ -97,44 +93,9 @@ def write_synthetic(root: str | Path, num_sensors: int = 10, days: int = 21, see
     """Write (or reuse) `root/traffic.h5` and `root/SE.txt`; returns their paths.
 
     The content is a pure function of the arguments."""
-    root = Path(root).absolute()
-    expected = {"generator_version": GENERATOR_VERSION, "num_sensors": num_sensors, "days": days, "seed": seed, "se_dims": se_dims}
-    if not _holds(root, expected):
-        root.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-        moved = False
-        try:
-            _write_files(staging, num_sensors, days, seed, se_dims)
-            (staging / _MARKER).write_text(json.dumps(expected, indent=2, sort_keys=True))  # last: marks it complete
-            staging.chmod(0o755)
-            try:
-                os.rename(staging, root)  # atomic; also replaces an empty folder
-                moved = True
-            except OSError:
-                if not _holds(root, expected):  # another writer won the race; theirs must match
-                    raise
-        finally:
-            if not moved:
-                shutil.rmtree(staging, ignore_errors=True)
-    return root / TRAFFIC_FILE, root / SE_FILE
-
-
-def _holds(root: Path, expected: dict) -> bool:
-    """True for a complete matching folder, False for an absent or empty one, DataError otherwise."""
-    if not root.exists():
-        return False
-    marker = root / _MARKER
-    if marker.is_file():
-        try:
-            found = json.loads(marker.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"synthetic data marker {marker} is unreadable ({exc}).") from None
-        if found != expected:
-            raise DataError(f"{root} holds synthetic traffic data made with {found}, not {expected}; choose another synthetic_dir.")
-        return True
-    if not root.is_dir() or any(root.iterdir()):
-        raise DataError(f"{root} exists and is not a raylab synthetic traffic folder; refusing to overwrite it.")
-    return False
+    params = {"generator_version": GENERATOR_VERSION, "num_sensors": num_sensors, "days": days, "seed": seed, "se_dims": se_dims}
+    folder = write_once(root, params, lambda staging: _write_files(staging, num_sensors, days, seed, se_dims))
+    return folder / TRAFFIC_FILE, folder / SE_FILE
 
 
 def _write_files(folder: Path, num_sensors: int, days: int, seed: int, se_dims: int) -> None:

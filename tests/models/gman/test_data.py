@@ -65,7 +65,7 @@ def test_synthetic_is_written_once_and_reused(tmp_path):
     assert write_synthetic(tmp_path / "s", num_sensors=3, days=7, seed=1) == first
     assert first[0].stat().st_mtime_ns == stamp
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
-    with pytest.raises(DataError, match="made with"):
+    with pytest.raises(DataError, match="different arguments"):
         write_synthetic(tmp_path / "s", num_sensors=4, days=7, seed=1)
 
 
