@@ -11,6 +11,7 @@ before Ray starts).
 from __future__ import annotations
 
 import traceback
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -63,6 +64,7 @@ def train(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)."),
     max_failures: int = typer.Option(0, help="Restarts from the latest checkpoint after a worker failure (-1: forever)."),
     experiment: Optional[str] = typer.Option(None, help="Experiment YAML (default: experiments/<model>.yaml)."),
+    init_from: Optional[str] = typer.Option(None, help="Warm start a fresh run from this checkpoint or run folder (local or s3://): tensors whose name and shape match are loaded."),
     debug: bool = typer.Option(False, help="Print full tracebacks on failure."),
 ) -> None:
     """Train one stage of a model through Ray Train."""
@@ -71,6 +73,9 @@ def train(
 
     try:
         overrides = parse_overrides(set_)
+        if init_from:
+            # Workers may run elsewhere (or in another directory): hand them an absolute path.
+            overrides["init_from"] = init_from if "://" in init_from else str(Path(init_from).expanduser().resolve())
         prepare(model, stage, overrides, experiment)  # validate before anything starts
         launch = make_launch_config(
             num_workers=workers, use_gpu=gpus, cpus_per_worker=cpus_per_worker, storage_path=storage,

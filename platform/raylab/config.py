@@ -50,6 +50,7 @@ class TrainConfig(BaseModel):
     eval_batch_size: int = Field(256, gt=0, description="Samples per batch during evaluation.")
     num_samples: int = Field(2, ge=0, description="Inference outputs written per sampling round to <run>/samples/ (0: never sample).")
     sample_every_steps: int = Field(0, ge=0, description="Optimizer steps between sampling rounds (0: with every evaluation). One round also runs before the first step, so a broken sampler fails in seconds, not hours.")
+    init_from: str | None = Field(None, description="Warm start: a checkpoint folder (or a run folder: its newest valid checkpoint), local or s3://, whose tensors with matching names and shapes initialise a fresh run; the rest stay at init and warm_start.json says which. Ignored when the run resumes from its own checkpoints.")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the weights with this decay (e.g. 0.9999 for DiT), saved as ema.safetensors and used for evaluation and sampling (None: off).")
 
     @model_validator(mode="after")

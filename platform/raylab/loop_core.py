@@ -34,6 +34,7 @@ from raylab.config import ConfigError, TrainConfig
 from raylab.loop_reporting import Checkpointer, MetricsWindow, RunRecorder, TrainingHealthError, check_replicas_agree, checkpoint_name
 from raylab.session import Session
 from raylab.task import SampleOutput, TaskContext
+from raylab.warm_start import WarmStartReport, source_checkpoint, write_report
 
 __all__ = ["Position", "RunPlan", "Stepper", "TrainingHealthError", "check_replicas_agree", "checkpoint_name", "epoch_batches", "run_loop"]
 
@@ -77,6 +78,8 @@ class Stepper(Protocol):
     def start_schedule(self, scheduled_steps: int) -> None: ...  # LR schedule over the whole run
 
     def load(self, directory: Path) -> None: ...  # weights, optimizer, schedule (and features such as EMA)
+
+    def warm_start(self, directory: Path, source: str) -> WarmStartReport: ...  # matching weights only (init_from)
 
     def save(self, directory: Path) -> None: ...  # the same, as plain data files
 
@@ -136,6 +139,7 @@ class Resumed:
     pos: Position = field(default_factory=Position)
     checkpoint: str | None = None
     notices: list[str] = field(default_factory=list)
+    warm_start: WarmStartReport | None = None
 
 
 def resume(stepper: Stepper, cfg: TrainConfig, session: Session) -> Resumed:
@@ -143,8 +147,13 @@ def resume(stepper: Stepper, cfg: TrainConfig, session: Session) -> Resumed:
     rank, world = stepper.ctx.world_rank, stepper.ctx.world_size
     with session.latest_checkpoint() as ckpt:
         if ckpt is None:
+            out = Resumed()
+            if cfg.init_from:
+                with source_checkpoint(cfg.init_from) as source:
+                    out.warm_start = stepper.warm_start(source, cfg.init_from)
+                out.notices.append(out.warm_start.summary())
             stepper.seed_streams(cfg.seed + 1 + rank)  # distinct dropout/noise streams per rank
-            return Resumed()
+            return out
         state = read_checkpoint_state(ckpt)
         stepper.load(Path(ckpt))
         out = Resumed(Position(**state["position"]), Path(ckpt).name)
@@ -227,6 +236,8 @@ class TrainingRun:
         if self.finished() and self.start.checkpoint:
             notices.append(f"run already complete at step {self.pos.global_step} ({self.start.checkpoint}); "
                            "nothing to train. Raise max_epochs to continue it")
+        if self.start.warm_start is not None and self.ctx.is_main:
+            write_report(self.recorder.session.run_fs, self.recorder.session.run_path, self.start.warm_start)
         if notices:
             self.recorder.progress(notice="; ".join(notices))
         if self.pos.global_step == 0:

@@ -28,6 +28,7 @@ from raylab.ema import EmaWeights
 from raylab.loop_core import Position, TrainingHealthError, check_replicas_agree, epoch_batches, run_loop
 from raylab.session import Session
 from raylab.task import SampleOutput, TaskContext, TorchTask, task_name_of
+from raylab.warm_start import WarmStartReport, match_tensors
 
 __all__ = ["Position", "TrainingHealthError", "check_replicas_agree", "epoch_batches", "train_torch", "TorchStepper"]
 
@@ -102,6 +103,17 @@ class TorchStepper:
         load_torch_state(directory, self.model, self.optimizer, self.scheduler, device=self.device)
         if self.ema is not None:
             self.ema.load(directory)
+
+    def warm_start(self, directory: Path, source: str) -> WarmStartReport:
+        import safetensors.torch
+
+        saved = safetensors.torch.load_file(str(Path(directory) / "model.safetensors"), device=self.device)
+        current = self.model.state_dict()
+        report = match_tensors(source, {k: tuple(v.shape) for k, v in saved.items()}, {k: tuple(v.shape) for k, v in current.items()})
+        self.model.load_state_dict({k: saved[k] for k in report.loaded}, strict=False)
+        if self.ema is not None:
+            self.ema = EmaWeights(self.model, self.cfg.ema_decay)  # the average starts at the warm weights
+        return report
 
     def save(self, directory: Path) -> None:
         save_torch_state(directory, self.model, self.optimizer, self.scheduler)
