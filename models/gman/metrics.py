@@ -25,19 +25,60 @@ def masked_errors(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
     return {"mae": float(err.mean()), "rmse": float(np.sqrt((err**2).mean())), "mape": float((err / np.abs(label[valid])).mean())}
 
 
+class ErrorSums:
+    """Per-step sums of masked errors, added batch by batch and across workers; exact metrics at the end.
+
+    `as_dict` / `from_dict` give flat float sums, so workers can add theirs with one all-reduce."""
+
+    FIELDS = ("abs", "sq", "pct", "count")
+
+    def __init__(self, steps: int):
+        self.sums = {f: np.zeros(steps) for f in self.FIELDS}
+
+    def add(self, pred: np.ndarray, label: np.ndarray) -> "ErrorSums":
+        pred, label = np.asarray(pred, dtype="float64"), np.asarray(label, dtype="float64")
+        if pred.shape != label.shape or pred.ndim != 3:
+            raise ValueError(f"predictions {pred.shape} and labels {label.shape} must both be [samples, Q, N]")
+        valid = label != 0
+        err = np.where(valid, np.abs(pred - label), 0.0)
+        self.sums["abs"] += err.sum(axis=(0, 2))
+        self.sums["sq"] += (err**2).sum(axis=(0, 2))
+        self.sums["pct"] += np.divide(err, np.abs(label), out=np.zeros_like(err), where=valid).sum(axis=(0, 2))
+        self.sums["count"] += valid.sum(axis=(0, 2))
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        return {f"{f}_{q}": float(v) for f, values in self.sums.items() for q, v in enumerate(values)}
+
+    @classmethod
+    def from_dict(cls, sums: dict[str, float], steps: int) -> "ErrorSums":
+        out = cls(steps)
+        for f in cls.FIELDS:
+            out.sums[f] = np.array([sums[f"{f}_{q}"] for q in range(steps)])
+        return out
+
+    def metrics(self, horizons: tuple[int, ...] = HORIZONS) -> dict[str, float]:
+        """{mae_h3, rmse_h3, mape_h3, ..., mae, rmse, mape}; NaN for a step without any valid label."""
+        count = self.sums["count"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_step = {
+                "mae": np.where(count > 0, self.sums["abs"] / count, np.nan),
+                "rmse": np.where(count > 0, np.sqrt(self.sums["sq"] / count), np.nan),
+                "mape": np.where(count > 0, self.sums["pct"] / count, np.nan),
+            }
+        out: dict[str, float] = {}
+        for h in horizons:
+            if h <= len(count):
+                out.update({f"{k}_h{h}": float(v[h - 1]) for k, v in per_step.items()})
+        for k, v in per_step.items():
+            out[k] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+        return out
+
+
 def horizon_metrics(pred: np.ndarray, label: np.ndarray, horizons: tuple[int, ...] = HORIZONS) -> dict[str, float]:
     """{mae_h3, rmse_h3, mape_h3, ..., mae, rmse, mape} for predictions and labels [samples, Q, N]."""
-    pred, label = np.asarray(pred), np.asarray(label)
-    if pred.shape != label.shape or pred.ndim != 3:
-        raise ValueError(f"predictions {pred.shape} and labels {label.shape} must both be [samples, Q, N]")
-    per_step = [masked_errors(pred[:, q], label[:, q]) for q in range(label.shape[1])]
-    out: dict[str, float] = {}
-    for h in horizons:
-        if h <= len(per_step):
-            out.update({f"{k}_h{h}": v for k, v in per_step[h - 1].items()})
-    for k in ("mae", "rmse", "mape"):
-        out[k] = float(np.nanmean([step[k] for step in per_step])) if per_step else float("nan")
-    return out
+    pred = np.asarray(pred)
+    return ErrorSums(pred.shape[1] if pred.ndim == 3 else 0).add(pred, label).metrics(horizons)
 
 
 def last_value_forecast(x: np.ndarray, Q: int, fallback: np.ndarray) -> np.ndarray:

@@ -229,7 +229,10 @@ class TrainingRun:
         # Epochs (or max_steps) end a run, not a step total: a resumed run whose batch size
         # changed still trains the epochs it was asked for.
         cfg, pos = self.cfg, self.pos
-        return pos.epoch >= cfg.max_epochs or (cfg.max_steps is not None and pos.global_step >= cfg.max_steps)
+        if pos.epoch >= cfg.max_epochs or (cfg.max_steps is not None and pos.global_step >= cfg.max_steps):
+            return True
+        # Optional stepper hook: early stopping decided from the evaluations so far (tf_loop: the task's should_stop).
+        return bool(getattr(self.stepper, "should_stop", lambda: False)())
 
     def run(self) -> dict[str, Any]:
         notices = list(self.start.notices)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 TASKS: dict[str, str] = {
     "tinyimagenet": "models.tinyimagenet.task:TinyImageNetTask",
+    "gman": "models.gman.task:GmanTask",
 }
 
 
@@ -92,6 +93,47 @@ class SampleOutput:
     samples: list[dict[str, Any]]
     metrics: dict[str, float] = field(default_factory=dict)
     png: bytes | None = None
+
+
+@dataclass
+class TfParts:
+    """What a TensorFlow task builds for the loop (`raylab.tf_loop`); `build` runs inside the
+    distribution strategy's scope, so variables are mirrored across workers."""
+
+    model: Any  # a built keras.Model whose layers all have explicit names (checkpoints key variables by path)
+    # (optimizer steps per epoch, scheduled steps of the run) -> a keras optimizer with an explicit name;
+    # an LR schedule should be a function of the optimizer's `iterations`, so it resumes exactly.
+    make_optimizer: Callable[[int, int], Any]
+    train_data: Any  # __len__, and batch(indices) -> tuple of numpy arrays (one micro-batch)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    jit_compile: bool = False  # compile the forward/backward pass with XLA
+
+
+@runtime_checkable
+class TfTask(Protocol):
+    """A TensorFlow task. Like TorchTask, but `loss` returns the micro-batch's loss as a sum
+    and its weight (e.g. the number of valid labels): the loop divides by the weight summed
+    over all workers, so N workers x batch B train exactly like 1 worker x batch N*B."""
+
+    config_cls: type[TrainConfig]
+    framework: str  # "tensorflow"
+
+    def build(self, cfg: TrainConfig, ctx: TaskContext) -> TfParts: ...
+
+    def loss(self, model: Any, batch: Any) -> tuple[Any, Any, dict[str, Any]]: ...  # (loss sum, weight, {metric: mean})
+
+    def evaluate(self, model: Any, ctx: TaskContext) -> dict[str, float]: ...
+
+    def sample(self, model: Any, n: int, ctx: TaskContext, options: SampleOptions | None = None) -> "list[dict[str, Any]] | SampleOutput": ...
+
+    def describe(self, cfg: TrainConfig) -> str: ...
+
+    def num_parameters(self, cfg: TrainConfig) -> int: ...
+
+
+def framework_of(task: Any) -> str:
+    """Which loop trains a task: "torch" unless it says otherwise (`framework = "tensorflow"`)."""
+    return getattr(task, "framework", "torch")
 
 
 @runtime_checkable
