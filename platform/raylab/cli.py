@@ -140,6 +140,74 @@ def submit(
     raise typer.Exit(code)
 
 
+@app.command()
+def sample(
+    checkpoint: str = typer.Argument(..., help="Checkpoint folder of a run: a local path or a URI such as s3://bucket/run/checkpoint_..."),
+    n: int = typer.Option(16, "--n", help="How many samples to generate."),
+    label: Optional[str] = typer.Option(None, help="Condition every sample on this class (index or name; default: cycle through classes)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the run's config; 1: none)."),
+    steps: Optional[int] = typer.Option(None, help="Sampler steps, e.g. DDIM steps (default: the run's config)."),
+    seed: Optional[int] = typer.Option(None, help="Noise seed (default: the run's sample_seed)."),
+    out_file: str = typer.Option("samples.json", "--out", help="JSON file to write; a PNG grid goes beside it when the model draws one."),
+    device: str = typer.Option("cpu", help="Torch device to sample on, e.g. cpu or cuda."),
+    debug: bool = typer.Option(False, help="Print full tracebacks on failure."),
+) -> None:
+    """Generate samples from a trained checkpoint (EMA weights when the run kept them)."""
+    from raylab.checkpoint import CheckpointError
+    from raylab.sampling import sample_checkpoint
+
+    try:
+        result = sample_checkpoint(checkpoint, n, label, guidance, steps, seed, out_file, device)
+    except (ConfigError, CheckpointError) as exc:
+        _fail(str(exc), 2)
+    except Exception as exc:  # sampling itself failed: show the cause in one line
+        if debug:
+            err.print(traceback.format_exc())
+        _fail(f"sampling failed: {type(exc).__name__}: {exc}".rstrip(), 1)
+    rows = [("checkpoint", checkpoint), ("weights", result.payload["weights"]), ("samples", str(len(result.payload["samples"]))),
+            ("json", str(result.json_path))]
+    if result.png_path is not None:
+        rows.append(("png", str(result.png_path)))
+    rows += [(key, f"{value:.4g}") for key, value in sorted(result.metrics.items())]
+    table = Table(title=f"raylab sample: {result.payload['model']} step {result.payload['step']}", show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+
+
+from raylab.ckpt_cli import ckpt_app  # noqa: E402  (the `raylab ckpt ...` commands)
+
+app.add_typer(ckpt_app, name="ckpt")
+
+
+@app.command("eval-translations")
+def eval_translations(
+    predictions: str = typer.Argument(..., help="File of 'sample: <id>, prediction: <text>' lines."),
+    references: str = typer.Argument(..., help="File of 'sample: <id>, ground-truth: <text>' lines."),
+    tokenize: str = typer.Option("13a", help="sacreBLEU tokenizer: 13a (English) or zh (Chinese characters)."),
+) -> None:
+    """Score translations against references by sample id: sacreBLEU BLEU-4 and ROUGE-L."""
+    from models.translator.metrics import TOKENIZERS, TranslationFileError, score_files
+
+    if tokenize not in TOKENIZERS:
+        _fail(f"option --tokenize must be one of {', '.join(TOKENIZERS)} (got {tokenize!r}).", 2)
+    try:
+        scores = score_files(predictions, references, tokenize)
+    except TranslationFileError as exc:
+        _fail(str(exc), 2)
+    except Exception as exc:  # scoring itself failed: show the cause in one line
+        _fail(f"scoring failed: {type(exc).__name__}: {exc}".rstrip(), 1)
+    out.print(f"BLEU-4  {scores.bleu:.2f}\nROUGE-L {scores.rouge_l:.2f}\n"
+              f"({scores.sentences} sentences, tokenize {scores.tokenize})", highlight=False)
+
+
+from raylab.tune_cli import ladder, report, sweep  # noqa: E402  (the Ray Tune commands)
+
+app.command()(ladder)
+app.command()(sweep)
+app.command()(report)
+
+
 def main() -> None:
     app()
 
