@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 TASKS: dict[str, str] = {
     "tinyimagenet": "models.tinyimagenet.task:TinyImageNetTask",
+    "translator": "models.translator.task:TranslatorTask",
     "craft": "models.craft.task:CraftTask",
     "dit": "models.dit.task:DiTTask",
     "gman": "models.gman.task:GmanTask",
