@@ -45,7 +45,10 @@ class TrainConfig(BaseModel):
     log_every_steps: int = Field(10, gt=0, description="Optimizer steps between progress updates and TensorBoard train scalars.")
     eval_every_steps: int = Field(0, ge=0, description="Optimizer steps between evaluations (0: at the end of every epoch).")
     checkpoint_every_batches: int = Field(0, ge=0, description="Micro-batches between mid-epoch checkpoints (0: only at the end of every epoch); a multiple of grad_accum_steps.")
-    keep_checkpoints: int | None = Field(3, gt=0, description="How many checkpoints to keep in storage, newest first (None: keep all).")
+    keep_checkpoints: int | None = Field(3, gt=0, description="How many of the newest checkpoints to keep in storage, besides the best ones kept by keep_best_checkpoints; the newest valid one is never deleted (None: keep all).")
+    keep_best_checkpoints: int = Field(0, ge=0, description="Also keep this many best checkpoints by checkpoint_metric, however old (0: none).")
+    checkpoint_metric: str | None = Field(None, description="Metric that ranks checkpoints for keep_best_checkpoints, as named in metrics.parquet (e.g. val_loss); only checkpoints whose report carries it are ranked.")
+    checkpoint_mode: Literal["min", "max"] | None = Field(None, description="Whether lower (min) or higher (max) checkpoint_metric is better (None: min for losses and errors, max otherwise).")
     data_loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker (0: load in the training process).")
     eval_batch_size: int = Field(256, gt=0, description="Samples per batch during evaluation.")
     num_samples: int = Field(2, ge=0, description="Inference outputs written per sampling round to <run>/samples/ (0: never sample).")
@@ -59,6 +62,11 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"checkpoint_every_batches ({self.checkpoint_every_batches}) must be a multiple of "
                 f"grad_accum_steps ({self.grad_accum_steps}) so checkpoints fall between optimizer steps"
+            )
+        if self.keep_best_checkpoints and not self.checkpoint_metric:
+            raise ValueError(
+                f"keep_best_checkpoints ({self.keep_best_checkpoints}) needs checkpoint_metric, the metric that ranks "
+                "checkpoints (e.g. val_loss or val_accuracy)"
             )
         return self
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from raylab.checkpoint_store import display_path, scan_checkpoints
 from raylab.config import ConfigError, LaunchConfig, TrainConfig, resolve_config
 from raylab.plots import write_curves
 from raylab.run_storage import read_metrics, run_filesystem
@@ -106,18 +107,20 @@ def train(
     check_storage(fs, run_path, launch.storage_path)
     started = time.perf_counter()
     if launch.num_workers == 0:
+        from raylab.retention import RetentionPolicy
         from raylab.session import LocalSession
         from raylab.torch_loop import train_torch
 
-        session = LocalSession(Path(run_path), cfg.keep_checkpoints, on_progress)
+        session = LocalSession(run_path, on_progress=on_progress, retention=RetentionPolicy.from_config(cfg), filesystem=fs)
         train_torch(task, cfg, session)
-        with session.latest_checkpoint() as latest:
-            latest_checkpoint = str(latest) if latest else None
     else:
         from raylab.ray_backend import run_on_ray
 
-        result = run_on_ray(task_name, cfg, launch, name, storage, on_progress)
-        latest_checkpoint = result.latest_checkpoint
+        run_on_ray(task_name, cfg, launch, name, storage, on_progress)
     metrics = read_metrics(fs, run_path)
     curves = write_curves(fs, run_path, metrics, f"{task_name} {stage}: {name}")
-    return RunSummary(name, run_path, time.perf_counter() - started, metrics, latest_checkpoint, curves)
+    # Paths people read keep the scheme they gave (s3://bucket/..., not bucket/...).
+    complete = [r for r in scan_checkpoints(fs, run_path, "sizes") if r.valid]
+    latest_checkpoint = complete[-1].uri if complete else None
+    return RunSummary(name, display_path(fs, run_path), time.perf_counter() - started, metrics, latest_checkpoint,
+                      display_path(fs, curves) if curves else None)

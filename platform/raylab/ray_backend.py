@@ -22,6 +22,10 @@ from typing import Any, Callable, Iterator
 
 from raylab.cache import raylab_environment
 from raylab.config import LaunchConfig, TrainConfig
+from raylab.recovery import named_checkpoint, ray_registry_latest, reconcile_ray_registry
+from raylab.retention import RetentionPolicy
+from raylab.run_storage import run_filesystem
+from raylab.session import RunCheckpoints
 
 # Every run: workers keep the driver's working directory, so relative paths in a
 # config (data_dir) mean the same thing on the driver and on the workers.
@@ -44,6 +48,9 @@ def ensure_ray(launch: LaunchConfig) -> bool:
     """
     import ray
 
+    from raylab.ray_failures import hide_worker_death_paragraphs
+
+    hide_worker_death_paragraphs()  # raylab prints its own one-line account of a worker death
     for key, value in _RUN_ENV.items():
         os.environ.setdefault(key, value)
     address = launch.address or os.environ.get("RAY_ADDRESS")
@@ -91,9 +98,15 @@ def check_resources(launch: LaunchConfig, local: bool) -> None:
 
 
 class RaySession:
-    """The loop's Session on a Ray Train worker."""
+    """The loop's Session on a Ray Train worker.
 
-    def __init__(self, progress_queue: Any):
+    The resume point is raylab's choice, not Ray's registry's (`raylab.recovery`):
+    rank 0 picks the newest valid folder in storage and broadcasts its name, so
+    every rank loads the same one. After each checkpoint, rank 0 applies the
+    retention policy (Ray itself is told to keep everything; see `run_on_ray`).
+    """
+
+    def __init__(self, progress_queue: Any, retention: RetentionPolicy | None = None):
         import ray.train
         import ray.train.torch
 
@@ -105,23 +118,44 @@ class RaySession:
         storage = ctx.get_storage()
         self.run_fs, self.run_path = storage.storage_filesystem, storage.experiment_fs_path
         self._queue = progress_queue
+        notify = lambda text: self.progress({"notice": text})  # noqa: E731
+        self.checkpoints = RunCheckpoints(self.run_fs, self.run_path, retention or RetentionPolicy(None), notify)
+        pid_dir = os.environ.get("RAYLAB_TEST_PID_DIR")  # lets the recovery tests kill a real worker by pid
+        if pid_dir:
+            Path(pid_dir, f"rank{self.world_rank}.pid").write_text(str(os.getpid()))
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        import ray.train
+        from ray.train.collective import broadcast_from_rank_zero
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
+        if self.world_rank != 0:
+            name = broadcast_from_rank_zero(None)
+            if name is None:
+                yield None
+                return
+            with named_checkpoint(self.run_fs, self.run_path, name) as directory:
+                yield directory
             return
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
+        registry = ray_registry_latest(self.run_fs, self.run_path)
+        with self.checkpoints.resume_point() as point:
+            broadcast_from_rank_zero(point.name if point else None)
+            if point is not None and point.name != registry and not point.skipped:
+                # e.g. a driver killed between a checkpoint's upload and its registration
+                self.progress({"notice": f"resuming from {point.describe()}; Ray's registry named {registry or 'no checkpoint'}"})
+            yield point.directory if point else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, checkpoint_name: str | None) -> None:
+        import pyarrow.fs as pafs
         import ray.train
 
+        if checkpoint_dir is not None and checkpoint_name:
+            stale = f"{self.run_path}/{checkpoint_name}"
+            if self.run_fs.get_file_info(stale).type != pafs.FileType.NotFound:
+                self.run_fs.delete_dir(stale)  # a corrupt folder at this position, skipped on resume
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name)
+        if checkpoint_dir is not None:
+            self.checkpoints.enforce_retention()
 
     def progress(self, update: dict[str, Any]) -> None:
         if self._queue is None:
@@ -138,7 +172,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     os.environ.update(config.get("env", {}))  # RAYLAB_* of the driver (cache folder, ...)
     task = get_task(config["task"])
     cfg = task.config_cls.model_validate(config["cfg"])
-    train_torch(task, cfg, RaySession(config["progress_queue"]))
+    train_torch(task, cfg, RaySession(config["progress_queue"], RetentionPolicy.from_config(cfg)))
 
 
 @dataclass
@@ -150,6 +184,11 @@ class RayRunResult:
 
 def first_worker_error(exc: BaseException) -> BaseException:
     """The exception a worker raised, unwrapped from Ray's TrainingFailedError."""
+    from raylab.ray_failures import worker_death_error
+
+    died = worker_death_error(exc)
+    if died is not None:
+        return died
     failures = getattr(exc, "worker_failures", None)
     if failures:
         return failures[min(failures)]
@@ -165,8 +204,12 @@ def run_on_ray(
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
+    from raylab.ray_failures import FailureReporter
+
     local = ensure_ray(launch)
     check_resources(launch, local)
+    fs, run_path = run_filesystem(storage_path, name)
+    reconcile_ray_registry(fs, run_path)  # raylab's retention may have deleted folders Ray's registry lists
     queue = Queue(actor_options={"num_cpus": 0}) if on_progress else None
     trainer = TorchTrainer(
         _train_worker,
@@ -177,9 +220,13 @@ def run_on_ray(
         ),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            # Ray keeps every checkpoint: its CheckpointConfig keeps either the newest K or the best
+            # K by a score, never both, and only among folders its registry knows. Rank 0 applies
+            # raylab's policy (raylab.retention) after each report instead, orphans included.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             failure_config=ray.train.FailureConfig(max_failures=launch.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="ERROR"),
+            callbacks=[FailureReporter(queue, launch.max_failures)],
         ),
     )
     outcome: dict[str, Any] = {}
