@@ -157,7 +157,7 @@ def read_experiment(path: Path) -> dict[str, Any]:
         raise ConfigError(f"experiment file {path} is not valid YAML: {exc}.") from None
     if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
         raise ConfigError(f"experiment file {path} must be a mapping with a 'stages' mapping.")
-    unknown = set(data) - {"model", "description", "defaults", "stages", "search"}
+    unknown = set(data) - {"model", "description", "defaults", "stages", "search", "ladder"}  # search: raylab.sweep, ladder: raylab.ladder
     if unknown:
         raise ConfigError(f"experiment file {path} has unknown top-level key(s) {sorted(unknown)}.")
     for stage, body in data["stages"].items():

@@ -36,15 +36,30 @@ _RUN_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
 _EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
+# --- Tune (raylab.tune_backend) on the embedded Ray -------------------------------------
+# A Tune trial holds one `trial_slot` instead of a CPU, so on a small machine the trials'
+# own Train workers are what fill the cores (a CPU per trial actor deadlocked 2 cores).
+# The dashboard stays on: without it the placement-group cleaner cannot see that a trial
+# Tune stopped (ASHA) is gone, its workers' CPUs leak and the sweep hangs (RAY_NOTES).
+# Concurrency is limited by the search algorithm, not by the number of slots.
+TRIAL_RESOURCE = "trial_slot"
+_TUNE_EMBEDDED = {"include_dashboard": True, "resources": {TRIAL_RESOURCE: 1000}}
+# Each ray.train.report waits for the controller's next poll (default every 2 s): a
+# sweep reports at every evaluation, so poll faster.
+_TUNE_EMBEDDED_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
 class ResourceError(RuntimeError):
     """The requested workers cannot fit on the Ray cluster."""
 
 
-def ensure_ray(launch: LaunchConfig) -> bool:
+def ensure_ray(launch: LaunchConfig, tune: bool = False) -> bool:
     """Connect to Ray: a cluster at --address / RAY_ADDRESS, else an embedded local one.
 
     Returns True when the run uses a local, fixed-size Ray (no cluster address):
     there, workers that do not fit would wait forever, so they are checked.
+    `tune=True` (ladders, sweeps): the embedded instance also gets what Tune needs
+    (`_TUNE_EMBEDDED`).
     """
     import ray
 
@@ -55,7 +70,11 @@ def ensure_ray(launch: LaunchConfig) -> bool:
         os.environ.setdefault(key, value)
     address = launch.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
-        return not address
+        if not (tune and not address and TRIAL_RESOURCE not in ray.cluster_resources()):
+            return not address
+        # An embedded instance started for `train` (a notebook, a test session) lacks what
+        # Tune needs, and only a restart adds it.
+        ray.shutdown()
     # Workers' logs and Ray's own chatter (e.g. the placement-group cleaner's repeated
     # "Failed to query Ray Train Controller actor state") stay in Ray's log files;
     # the driver shows one display, and worker errors still arrive through fit().
@@ -74,6 +93,11 @@ def ensure_ray(launch: LaunchConfig) -> bool:
         os.environ.setdefault(key, value)
     # address="local": always a new instance of our own. With no address, ray.init would
     # join whatever cluster `ray start` last left on this machine (/tmp/ray/ray_current_cluster).
+    if tune:
+        for key, value in _TUNE_EMBEDDED_ENV.items():
+            os.environ.setdefault(key, value)
+        ray.init(address="local", **_TUNE_EMBEDDED, **common)
+        return True
     ray.init(address="local", include_dashboard=False, **common)
     return True
 
@@ -195,23 +219,20 @@ def first_worker_error(exc: BaseException) -> BaseException:
     return getattr(exc, "controller_failure", exc)
 
 
-def run_on_ray(
+def make_trainer(
     task_name: str, cfg: TrainConfig, launch: LaunchConfig, name: str, storage_path: str,
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
-) -> RayRunResult:
-    """Run one training job with Ray Train; progress updates go to `on_progress` on this thread."""
+    queue: Any = None, callbacks: tuple[Any, ...] = (),
+) -> Any:
+    """The Ray Train trainer of one run: the one place trainers are built (`run_on_ray`,
+    and every Tune trial in `raylab.tune_backend`, which adds its report callback)."""
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty, Queue
 
     from raylab.ray_failures import FailureReporter
 
-    local = ensure_ray(launch)
-    check_resources(launch, local)
     fs, run_path = run_filesystem(storage_path, name)
     reconcile_ray_registry(fs, run_path)  # raylab's retention may have deleted folders Ray's registry lists
-    queue = Queue(actor_options={"num_cpus": 0}) if on_progress else None
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _train_worker,
         train_loop_config={"task": task_name, "cfg": cfg.model_dump(mode="json"), "progress_queue": queue, "env": raylab_environment()},
         scaling_config=ray.train.ScalingConfig(
@@ -226,9 +247,22 @@ def run_on_ray(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             failure_config=ray.train.FailureConfig(max_failures=launch.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="ERROR"),
-            callbacks=[FailureReporter(queue, launch.max_failures)],
+            callbacks=[FailureReporter(queue, launch.max_failures), *callbacks],
         ),
     )
+
+
+def run_on_ray(
+    task_name: str, cfg: TrainConfig, launch: LaunchConfig, name: str, storage_path: str,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> RayRunResult:
+    """Run one training job with Ray Train; progress updates go to `on_progress` on this thread."""
+    from ray.util.queue import Empty, Queue
+
+    local = ensure_ray(launch)
+    check_resources(launch, local)
+    queue = Queue(actor_options={"num_cpus": 0}) if on_progress else None
+    trainer = make_trainer(task_name, cfg, launch, name, storage_path, queue)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
