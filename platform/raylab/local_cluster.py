@@ -286,7 +286,17 @@ class LocalCluster:
             cmd.append(f"--autoscaling-config={path}")
         return cmd
 
-    def start(self, timeout_s: float = 120) -> "LocalCluster":
+    def start(self, timeout_s: float = 120, attempts: int = 2) -> "LocalCluster":
+        """Start the head; on an overloaded machine Ray gives its raylet a fixed 30 s to register, so retry once."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except RuntimeError as exc:
+                if attempt == attempts or "timed out during startup" not in str(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> "LocalCluster":
         # Short on purpose: Ray's unix socket paths under it must stay below ~107 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="rl-", dir="/tmp")
         self.started = True

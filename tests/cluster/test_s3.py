@@ -1,0 +1,93 @@
+"""Runs stored on S3 (a real S3-compatible server, moto's server mode, on loopback):
+train -> driver killed -> resume finishes from the stored checkpoint, paths keep the
+s3:// scheme; the server stopped mid-run makes the run fail loudly in one sentence.
+
+Runs join a head of this module's own with --address, so a killed driver leaves
+nothing behind but what the head's teardown stops.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from raylab.local_cluster import LocalCluster
+
+pytestmark = pytest.mark.ray
+RAYLAB = shutil.which("raylab") or "raylab"
+
+
+@pytest.fixture(scope="module")
+def head():
+    # Workers inherit the session's fake AWS credentials (tests/conftest.py) through the head's environment.
+    with LocalCluster(num_cpus=2) as cluster:
+        yield cluster
+
+
+def train_cmd(head: LocalCluster, storage: str, name: str, sets: dict) -> list[str]:
+    return [RAYLAB, "train", "tinyimagenet", "--address", head.address, "--workers", "1", "--storage", storage,
+            "--name", name, *[f"--set={k}={v}" for k, v in sets.items()]]
+
+
+def wait_for_checkpoint(server, prefix: str, proc: subprocess.Popen, timeout_s: float = 300) -> list[str]:
+    """Keys of complete checkpoints (state.json is written last) once there is one."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = [k for k in server.keys(prefix) if re.search(r"/checkpoint_[^/]+/state\.json$", k)]
+        if done:
+            return done
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before its first checkpoint"
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint under {prefix} within {timeout_s} s")
+
+
+def test_train_kill_resume_on_s3(head, s3, tiny, tmp_path):
+    storage = s3.uri("kill-resume")
+    cmd = train_cmd(head, storage, "run", tiny(max_epochs=4))  # 12 steps per epoch
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, env=head.env, stdout=log, stderr=subprocess.STDOUT)
+        saved = wait_for_checkpoint(s3, "kill-resume/run/", first)
+        first.kill()  # SIGKILL: no cleanup, as when a laptop sleeps or a driver node dies
+        first.wait()
+    assert "checkpoint_epoch0004" not in " ".join(saved)  # killed mid-run
+
+    proc = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    # It continued from storage: the first progress line is past the first checkpoint (step 12).
+    steps = [int(s) for s in re.findall(r"tinyimagenet quick: step (\d+)/48", out)]
+    assert steps and steps[0] > 12 and steps[-1] == 48, out
+    keys = s3.keys("kill-resume/run/")
+    assert "kill-resume/run/checkpoint_epoch0004_batch000000_step00000048/model.safetensors" in keys
+    fs, path = pafs.FileSystem.from_uri(storage)
+    with fs.open_input_file(f"{path}/run/metrics.parquet") as fh:
+        metrics = pq.read_table(fh).to_pandas()
+    assert metrics["step"].is_monotonic_increasing and metrics["step"].min() <= 12 and metrics["step"].max() == 48
+    # Printed paths keep the scheme the user gave.
+    flat = re.sub(r"[\s│]", "", out)  # the summary table wraps long paths between its borders
+    assert "s3://raylab/kill-resume/run/checkpoint_epoch0004_batch000000_step00000048" in flat
+
+
+def test_s3_server_stopped_mid_run_fails_in_one_sentence(head, own_s3, tiny, tmp_path):
+    storage = own_s3.uri("outage")
+    cmd = train_cmd(head, storage, "run", tiny(max_epochs=30))
+    with open(tmp_path / "run.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=head.env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        wait_for_checkpoint(own_s3, "outage/run/", proc)
+        own_s3.stop()
+        try:
+            code = proc.wait(timeout=400)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    errors = (tmp_path / "run.log").read_text()
+    assert code == 1, errors
+    error_lines = [line for line in errors.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "Traceback" not in errors, errors
+    assert re.search(r"error: run failed: .*(bucket 'raylab'|s3://raylab).*(connect|NETWORK_CONNECTION)", " ".join(errors.split())), errors
