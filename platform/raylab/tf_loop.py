@@ -123,7 +123,7 @@ def variables_by_path(variables: Iterable[Any], what: str) -> dict[str, Any]:
 def save_variables(path: Path, variables: dict[str, Any]) -> None:
     import safetensors.numpy
 
-    safetensors.numpy.save_file({k: np.ascontiguousarray(np.asarray(v.numpy())) for k, v in variables.items()}, str(path))
+    safetensors.numpy.save_file({k: np.array(v.numpy(), order="C") for k, v in variables.items()}, str(path))
 
 
 def load_variables(path: Path, variables: dict[str, Any]) -> None:

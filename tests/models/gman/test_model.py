@@ -110,3 +110,14 @@ def test_model_takes_raw_readings_and_returns_raw_scale():
     model = build_model(cfg, np.zeros((2, 64)), 1000.0, 1.0)
     out = np.asarray(model(inputs(cfg, 2, 2), training=False))
     assert np.all(np.abs(out - 1000.0) < 100.0)  # de-normalised around the training mean
+
+
+def test_the_seed_decides_the_initial_weights():
+    import keras
+
+    def kernel(seed: int) -> np.ndarray:
+        keras.utils.set_random_seed(seed)
+        return np.asarray(build_model(tiny(), np.zeros((3, 64)), 0.0, 1.0).input_fc.steps[0][1].kernel)
+
+    np.testing.assert_array_equal(kernel(1), kernel(1))
+    assert not np.array_equal(kernel(1), kernel(2))
