@@ -109,10 +109,17 @@ def train(
     if launch.num_workers == 0:
         from raylab.retention import RetentionPolicy
         from raylab.session import LocalSession
-        from raylab.torch_loop import train_torch
+        from raylab.task import framework_of
 
         session = LocalSession(run_path, on_progress=on_progress, retention=RetentionPolicy.from_config(cfg), filesystem=fs)
-        train_torch(task, cfg, session)
+        if framework_of(task) == "tensorflow":
+            from raylab.tf_loop import train_tf
+
+            train_tf(task, cfg, session)
+        else:
+            from raylab.torch_loop import train_torch
+
+            train_torch(task, cfg, session)
     else:
         from raylab.ray_backend import run_on_ray
 

@@ -130,15 +130,18 @@ class RaySession:
     retention policy (Ray itself is told to keep everything; see `run_on_ray`).
     """
 
-    def __init__(self, progress_queue: Any, retention: RetentionPolicy | None = None):
+    def __init__(self, progress_queue: Any, retention: RetentionPolicy | None = None, device: str | None = None):
         import ray.train
-        import ray.train.torch
 
         ctx = ray.train.get_context()
         self.world_rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
-        self.device = str(ray.train.torch.get_device())
+        if device is None:  # torch's view of this worker's device (TensorFlow workers pass theirs)
+            import ray.train.torch
+
+            device = str(ray.train.torch.get_device())
+        self.device = device
         storage = ctx.get_storage()
         self.run_fs, self.run_path = storage.storage_filesystem, storage.experiment_fs_path
         self._queue = progress_queue
@@ -199,6 +202,38 @@ def _train_worker(config: dict[str, Any]) -> None:
     train_torch(task, cfg, RaySession(config["progress_queue"], RetentionPolicy.from_config(cfg)))
 
 
+# --- TensorFlow tasks (raylab.tf_loop) ---------------------------------------------------
+def _train_tf_worker(config: dict[str, Any]) -> None:
+    """Entry point on every TensorflowTrainer worker (TF_CONFIG is set; tf_loop builds MWMS from it)."""
+    from raylab.task import get_task
+    from raylab.tf_loop import train_tf
+
+    os.environ.update(config.get("env", {}))
+    task = get_task(config["task"])
+    cfg = task.config_cls.model_validate(config["cfg"])
+    train_tf(task, cfg, RaySession(config["progress_queue"], RetentionPolicy.from_config(cfg), device="cpu"))
+
+
+def _framework_trainer(task_name: str, launch: LaunchConfig) -> tuple[Any, Callable[[dict[str, Any]], None], dict[str, str]]:
+    """(trainer class, worker entry point, extra worker environment) for the task's framework."""
+    from raylab.task import framework_of, get_task
+
+    if framework_of(get_task(task_name)) != "tensorflow":
+        from ray.train.torch import TorchTrainer
+
+        return TorchTrainer, _train_worker, {}
+    from raylab.tf_loop import TF_ENV
+
+    # Read at TensorFlow's import, which happens in this driver (ray.train.tensorflow) and in
+    # every worker before the train function runs: set here and in the workers' runtime env.
+    for key, value in TF_ENV.items():
+        os.environ.setdefault(key, value)
+    from ray.train.tensorflow import TensorflowTrainer
+
+    threads = os.environ.get("RAYLAB_TF_THREADS") or str(max(1, int(launch.cpus_per_worker)))
+    return TensorflowTrainer, _train_tf_worker, {**TF_ENV, "RAYLAB_TF_THREADS": threads}
+
+
 @dataclass
 class RayRunResult:
     run_path: str
@@ -226,14 +261,14 @@ def make_trainer(
     """The Ray Train trainer of one run: the one place trainers are built (`run_on_ray`,
     and every Tune trial in `raylab.tune_backend`, which adds its report callback)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from raylab.ray_failures import FailureReporter
 
     fs, run_path = run_filesystem(storage_path, name)
     reconcile_ray_registry(fs, run_path)  # raylab's retention may have deleted folders Ray's registry lists
-    return TorchTrainer(
-        _train_worker,
+    trainer_cls, entry, worker_env = _framework_trainer(task_name, launch)
+    return trainer_cls(
+        entry,
         train_loop_config={"task": task_name, "cfg": cfg.model_dump(mode="json"), "progress_queue": queue, "env": raylab_environment()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=launch.num_workers, use_gpu=launch.use_gpu,
@@ -248,6 +283,7 @@ def make_trainer(
             failure_config=ray.train.FailureConfig(max_failures=launch.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="ERROR"),
             callbacks=[FailureReporter(queue, launch.max_failures), *callbacks],
+            **({"worker_runtime_env": {"env_vars": worker_env}} if worker_env else {}),
         ),
     )
 
