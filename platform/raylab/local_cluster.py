@@ -286,14 +286,16 @@ class LocalCluster:
             cmd.append(f"--autoscaling-config={path}")
         return cmd
 
-    def start(self, timeout_s: float = 120, attempts: int = 2) -> "LocalCluster":
-        """Start the head; on an overloaded machine Ray gives its raylet a fixed 30 s to register, so retry once."""
+    def start(self, timeout_s: float = 120, attempts: int = 3) -> "LocalCluster":
+        """Start the head. Ray gives a new raylet a fixed 30 s to register with the GCS,
+        which an overloaded machine can miss: such a start is cleaned up and retried."""
         for attempt in range(1, attempts + 1):
             try:
                 return self._start_once(timeout_s)
             except RuntimeError as exc:
                 if attempt == attempts or "timed out during startup" not in str(exc):
                     raise
+                time.sleep(5.0 * attempt)
         raise AssertionError("unreachable")
 
     def _start_once(self, timeout_s: float) -> "LocalCluster":

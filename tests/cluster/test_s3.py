@@ -1,6 +1,7 @@
 """Runs stored on S3 (a real S3-compatible server, moto's server mode, on loopback):
 train -> driver killed -> resume finishes from the stored checkpoint, paths keep the
-s3:// scheme; the server stopped mid-run makes the run fail loudly in one sentence.
+s3:// scheme, then `ckpt list`, `ckpt clean`, `sample` and `report` work on the same
+s3:// run; the server stopped mid-run makes the run fail loudly in one sentence.
 
 Runs join a head of this module's own with --address, so a killed driver leaves
 nothing behind but what the head's teardown stops.
@@ -8,6 +9,7 @@ nothing behind but what the head's teardown stops.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -47,7 +49,7 @@ def wait_for_checkpoint(server, prefix: str, proc: subprocess.Popen, timeout_s: 
     raise AssertionError(f"no checkpoint under {prefix} within {timeout_s} s")
 
 
-def test_train_kill_resume_on_s3(head, s3, tiny, tmp_path):
+def test_train_kill_resume_then_checkpoint_tools_on_s3(head, s3, tiny, tmp_path):
     storage = s3.uri("kill-resume")
     cmd = train_cmd(head, storage, "run", tiny(max_epochs=4))  # 12 steps per epoch
     with open(tmp_path / "first.log", "w") as log:
@@ -72,6 +74,31 @@ def test_train_kill_resume_on_s3(head, s3, tiny, tmp_path):
     # Printed paths keep the scheme the user gave.
     flat = re.sub(r"[\s│]", "", out)  # the summary table wraps long paths between its borders
     assert "s3://raylab/kill-resume/run/checkpoint_epoch0004_batch000000_step00000048" in flat
+    check_tools_on_s3(s3, storage, tmp_path)
+
+
+def check_tools_on_s3(s3, storage: str, tmp_path) -> None:
+    """The commands that read runs take the same s3:// --storage (no Ray involved)."""
+    def raylab(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([RAYLAB, *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    listed = json.loads(raylab("ckpt", "list", "run", "--storage", storage, "--json").stdout)
+    assert len(listed) == 3 and all(c["valid"] and c["uri"].startswith("s3://raylab/kill-resume/run/") for c in listed)
+    assert listed[-1]["step"] == 48
+
+    raylab("ckpt", "clean", "run", "--keep-latest", "1", "--storage", storage)
+    folders = {k.split("/")[2] for k in s3.keys("kill-resume/run/checkpoint_") if k.count("/") >= 3}
+    assert folders == {"checkpoint_epoch0004_batch000000_step00000048"}
+
+    bucket_path, query = storage.split("?", 1)
+    newest = f"{bucket_path}/run/checkpoint_epoch0004_batch000000_step00000048?{query}"
+    raylab("sample", newest, "--n", "2", "--out", str(tmp_path / "samples.json"))
+    assert len(json.loads((tmp_path / "samples.json").read_text())["samples"]) == 2
+
+    raylab("report", "run", "--storage", storage)
+    assert "kill-resume/run/results.parquet" in s3.keys("kill-resume/run/")
 
 
 def test_s3_server_stopped_mid_run_fails_in_one_sentence(head, own_s3, tiny, tmp_path):
