@@ -1,14 +1,15 @@
 """Sample from a trained checkpoint: the Python API behind `raylab sample`.
 
-    from raylab.sampling import sample_checkpoint
+    from raylab.sampling import load_checkpoint, sample_checkpoint
+    loaded = load_checkpoint("s3://bucket/prefix/run-name")     # task, config and model (EMA weights)
     result = sample_checkpoint("raylab_results/dit-quick/checkpoint_...", n=16, label="class_3",
                                guidance=4.0, steps=50, seed=0, out="samples.json")
 
 Works for every registered task that can sample (DiT generates images or token
-sequences; tinyimagenet gives its predictions). The checkpoint folder may be
-local or on any pyarrow filesystem (`s3://bucket/run/checkpoint_...`); it is
-copied to a temporary folder and every file's checksum is verified first. The
-task is rebuilt from the config stored in state.json, with the EMA weights
+sequences; tinyimagenet gives its predictions). The checkpoint folder (or a run
+folder: its newest checkpoint) may be local or on any pyarrow filesystem
+(`s3://bucket/run/checkpoint_...`); a remote one is copied to a temporary
+folder, and every file's checksum is verified first. The task is rebuilt from the config stored in state.json, with the EMA weights
 (`ema.safetensors`) when the run kept them, else `model.safetensors`.
 
 A task may offer `build_for_sampling(cfg, ctx, task_metadata) -> model` to
@@ -44,28 +45,44 @@ class SamplingResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def local_checkpoint(checkpoint: str) -> Iterator[Path]:
-    """The checkpoint folder on local disk: itself, or a temporary copy of a remote one."""
-    if "://" not in checkpoint:
-        path = Path(checkpoint).expanduser()
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint folder {checkpoint} does not exist.")
-        yield path
-        return
+def _checkpoint_in(fs, path: str, shown: str) -> str:
+    """`path` itself when it is a checkpoint folder; for a run folder, its newest checkpoint
+    (names are zero-padded epoch / batch / step, so the last name is the newest)."""
     import pyarrow.fs as pafs
 
     try:
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.Directory:
+            raise CheckpointError(f"checkpoint folder {shown} does not exist." if info.type == pafs.FileType.NotFound
+                                  else f"{shown} is a file, not a checkpoint folder.")
+        entries = fs.get_file_info(pafs.FileSelector(path))
+    except OSError as exc:
+        raise CheckpointError(f"cannot open checkpoint {shown} ({exc}).") from None
+    if any(e.base_name == "state.json" for e in entries):
+        return path
+    checkpoints = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
+    return f"{path.rstrip('/')}/{checkpoints[-1]}" if checkpoints else path
+
+
+@contextlib.contextmanager
+def local_checkpoint(checkpoint: str) -> Iterator[tuple[Path, str]]:
+    """(the checkpoint folder on local disk: itself or a temporary copy, its name); a run
+    folder stands for its newest checkpoint."""
+    import pyarrow.fs as pafs
+
+    if "://" not in checkpoint:
+        found = _checkpoint_in(pafs.LocalFileSystem(), str(Path(checkpoint).expanduser().absolute()), checkpoint)
+        yield Path(found), Path(found).name
+        return
+    try:
         fs, remote = pafs.FileSystem.from_uri(checkpoint)
-        info = fs.get_file_info(remote)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot open checkpoint {checkpoint} ({exc}).") from None
-    if info.type != pafs.FileType.Directory:
-        raise CheckpointError(f"checkpoint folder {checkpoint} does not exist.")
+    remote = _checkpoint_in(fs, remote, checkpoint)
     tmp = Path(tempfile.mkdtemp(prefix="raylab-sample-"))
     try:
         pafs.copy_files(remote, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        yield tmp
+        yield tmp, remote.rstrip("/").rsplit("/", 1)[-1]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -103,18 +120,27 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def sample_checkpoint(
-    checkpoint: str | Path, n: int = 16, label: int | str | None = None, guidance: float | None = None,
-    steps: int | None = None, seed: int | None = None, out: str | Path | None = None, device: str = "cpu",
-) -> SamplingResult:
-    """Generate `n` samples from a checkpoint folder; with `out`, write them as JSON (and a PNG
-    beside it when the task draws one). User mistakes raise ConfigError or CheckpointError."""
+@dataclass
+class LoadedCheckpoint:
+    """A trained model rebuilt from a checkpoint folder, ready for `task.sample`."""
+
+    task_name: str
+    task: Any
+    cfg: Any  # the task's TrainConfig subclass, from state.json
+    model: Any  # torch.nn.Module in eval mode, on `ctx.device`
+    ctx: TaskContext
+    state: dict[str, Any]
+    weights: str  # "ema.safetensors" or "model.safetensors"
+    folder: str  # the checkpoint folder's name (a run folder resolves to its newest)
+
+
+def load_checkpoint(checkpoint: str | Path, device: str = "cpu") -> LoadedCheckpoint:
+    """Rebuild the task and model a checkpoint was written by and load its weights
+    (EMA when present). User mistakes raise ConfigError or CheckpointError."""
     import torch
 
     checkpoint = str(checkpoint)
-    if n < 1:
-        raise ConfigError(f"--n must be at least 1 (got {n}).")
-    with local_checkpoint(checkpoint) as directory:
+    with local_checkpoint(checkpoint) as (directory, folder_name):
         state = read_checkpoint_state(directory, verify=True)
         name = registry_name(str(state.get("task", "")))
         task = get_task(name)
@@ -128,15 +154,29 @@ def sample_checkpoint(
             model = task.build(cfg, ctx).model
         model = model.to(device)
         weights = _load_weights(directory, model)
+    return LoadedCheckpoint(name, task, cfg, model.eval(), ctx, state, weights, folder_name)
+
+
+def sample_checkpoint(
+    checkpoint: str | Path, n: int = 16, label: int | str | None = None, guidance: float | None = None,
+    steps: int | None = None, seed: int | None = None, out: str | Path | None = None, device: str = "cpu",
+) -> SamplingResult:
+    """Generate `n` samples from a checkpoint folder; with `out`, write them as JSON (and a PNG
+    beside it when the task draws one). User mistakes raise ConfigError or CheckpointError."""
+    import torch
+
+    if n < 1:
+        raise ConfigError(f"--n must be at least 1 (got {n}).")
+    loaded = load_checkpoint(checkpoint, device)
     options = SampleOptions(label=label, guidance=guidance, steps=steps, seed=seed)
-    model.eval()
     with torch.no_grad():
-        output = task.sample(model, n, ctx, options)
+        output = loaded.task.sample(loaded.model, n, loaded.ctx, options)
     if not isinstance(output, SampleOutput):
         output = SampleOutput(samples=list(output))
     payload = {
-        "checkpoint": checkpoint, "model": name, "step": state.get("position", {}).get("global_step"),
-        "weights": weights, "options": {"n": n, "label": label, "guidance": guidance, "steps": steps, "seed": seed},
+        "checkpoint": str(checkpoint), "checkpoint_folder": loaded.folder, "model": loaded.task_name,
+        "step": loaded.state.get("position", {}).get("global_step"), "weights": loaded.weights,
+        "options": {"n": n, "label": label, "guidance": guidance, "steps": steps, "seed": seed},
         "metrics": output.metrics, "samples": output.samples,
     }
     result = SamplingResult(payload, metrics=dict(output.metrics))

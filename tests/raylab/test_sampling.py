@@ -14,12 +14,13 @@ from typer.testing import CliRunner
 from raylab.cli import app
 from raylab.config import LaunchConfig
 from raylab.launch import train
-from raylab.sampling import registry_name, sample_checkpoint
+from raylab.sampling import load_checkpoint, registry_name, sample_checkpoint
+from raylab.task import SampleOptions
 
 runner = CliRunner()
 
 TINY_DIT = {"architecture": "custom", "depth": 1, "hidden_size": 32, "num_heads": 4, "patch_size": 2, "image_size": 8,
-            "channels": 1, "synthetic_classes": 3, "synthetic_per_class": 10, "per_worker_batch_size": 8, "max_epochs": 1,
+            "channels": 1, "synthetic_classes": 3, "synthetic_per_class": 10, "per_worker_batch_size": 8, "max_epochs": 2,
             "sampling_steps": 3, "label_accuracy_samples": 6, "num_samples": 2, "lr": 1e-3, "ema_decay": 0.5}
 
 
@@ -67,26 +68,28 @@ def test_label_by_name_or_index_gives_the_same_samples(dit_checkpoint, tmp_path)
     assert a["samples"][0]["guidance"] == 2.0 and a["samples"][0]["steps"] == 4 and a["samples"][0]["seed"] == 9
 
 
-def test_the_ema_weights_are_the_ones_sampled(dit_checkpoint):
+def test_the_ema_weights_are_the_ones_loaded_and_sampled(dit_checkpoint):
     import safetensors.torch
     import torch
 
-    from models.dit.task import DiTTask
-    from raylab.checkpoint import read_checkpoint_state
-    from raylab.task import SampleOptions, TaskContext
+    loaded = load_checkpoint(dit_checkpoint)
+    assert loaded.weights == "ema.safetensors" and not loaded.model.training
+    state = loaded.model.state_dict()
+    ema = safetensors.torch.load_file(str(dit_checkpoint / "ema.safetensors"))
+    live = safetensors.torch.load_file(str(dit_checkpoint / "model.safetensors"))
+    assert all(torch.equal(state[k], v) for k, v in ema.items())
+    assert any(not torch.equal(state[k], v) for k, v in live.items())  # decay 0.5: EMA differs from the live weights
+    with torch.no_grad():
+        direct = loaded.task.sample(loaded.model, 2, loaded.ctx, SampleOptions(seed=3)).samples
+    assert sample_checkpoint(dit_checkpoint, n=2, seed=3).payload["samples"] == direct
 
-    state = read_checkpoint_state(dit_checkpoint)
-    results = {}
-    for weights in ("ema.safetensors", "model.safetensors"):
-        task = DiTTask()
-        cfg = task.config_cls.model_validate(state["config"])
-        model = task.build_for_sampling(cfg, TaskContext(), state["task_metadata"])
-        model.load_state_dict(safetensors.torch.load_file(str(dit_checkpoint / weights)))
-        model.eval()
-        with torch.no_grad():
-            results[weights] = task.sample(model, 2, TaskContext(), SampleOptions(seed=3)).samples
-    assert results["ema.safetensors"] != results["model.safetensors"]  # decay 0.5 after 3 steps: they differ
-    assert sample_checkpoint(dit_checkpoint, n=2, seed=3).payload["samples"] == results["ema.safetensors"]
+
+def test_a_run_folder_means_its_newest_checkpoint(dit_checkpoint, tmp_path):
+    assert len(list(dit_checkpoint.parent.glob("checkpoint_*"))) == 2
+    result, text = _sample(str(dit_checkpoint.parent), "--n", "1", "--out", str(tmp_path / "run.json"))
+    assert result.exit_code == 0, text
+    payload = json.loads((tmp_path / "run.json").read_text())
+    assert payload["step"] == 6 and payload["checkpoint_folder"] == dit_checkpoint.name  # 27 images / 8 = 3 steps x 2 epochs
 
 
 def test_bad_label_exits_2_naming_the_valid_ones(dit_checkpoint, tmp_path):
@@ -106,6 +109,10 @@ def test_bad_options_exit_2(dit_checkpoint, tmp_path, args, message):
 def test_missing_or_corrupted_checkpoint_exits_2(dit_checkpoint, tmp_path):
     result, text = _sample(str(tmp_path / "nowhere"))
     assert result.exit_code == 2 and "does not exist" in text
+    result, text = _sample(str(dit_checkpoint / "state.json"))
+    assert result.exit_code == 2 and "is a file, not a checkpoint folder" in text
+    result, text = _sample(str(tmp_path))
+    assert result.exit_code == 2 and "not a raylab checkpoint" in text
     broken = tmp_path / "broken"
     shutil.copytree(dit_checkpoint, broken)
     with open(broken / "model.safetensors", "r+b") as fh:
