@@ -142,7 +142,7 @@ def submit(
 
 @app.command()
 def sample(
-    checkpoint: str = typer.Argument(..., help="Checkpoint folder of a run: a local path or a URI such as s3://bucket/run/checkpoint_..."),
+    checkpoint: str = typer.Argument(..., help="A checkpoint folder, or a run folder (its newest checkpoint): a local path or a URI such as s3://bucket/run/checkpoint_..."),
     n: int = typer.Option(16, "--n", help="How many samples to generate."),
     label: Optional[str] = typer.Option(None, help="Condition every sample on this class (index or name; default: cycle through classes)."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the run's config; 1: none)."),
