@@ -24,9 +24,9 @@ from typing import Any
 import pandas as pd
 import pyarrow.fs as pafs
 
-from raylab.checkpoint import CheckpointError, read_checkpoint_state
+from raylab.checkpoint import STATE_FILE, CheckpointError, read_checkpoint_state
 from raylab.checkpoint_store import (
-    CheckpointRecord, display_path, download, inspect_checkpoint, local_copy, scan_checkpoints,
+    CheckpointRecord, checkpoint_paths, display_path, download, inspect_checkpoint, local_copy, scan_checkpoints,
 )
 from raylab.config import ConfigError
 from raylab.recovery import ray_registry_names
@@ -87,6 +87,8 @@ def locate_checkpoint(checkpoint: str, storage: str | None = None, filesystem: p
     else:
         fs, path = _filesystem_of(checkpoint)
     _must_exist(fs, path, "checkpoint")
+    if fs.get_file_info(f"{path}/{STATE_FILE}").type == pafs.FileType.NotFound and checkpoint_paths(fs, path):
+        raise ConfigError(f"{display_path(fs, path)} is a run folder, not a checkpoint; `raylab ckpt list` shows its checkpoints.")
     return fs, path
 
 

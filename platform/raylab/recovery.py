@@ -53,9 +53,9 @@ def newest_valid_checkpoint(fs: pafs.FileSystem, run_path: str, notify: Callable
     """The newest checkpoint of the run that passes every check, as a local directory.
 
     Folders are tried newest first; each one skipped is named to `notify` with the
-    reason. Yields None when the run has no checkpoint folder at all, and raises
-    CheckpointError when it has some but none is valid: starting over would throw
-    the run's progress away without anyone deciding to.
+    reason. Yields None when the run has no checkpoint whose save completed, and
+    raises CheckpointError when completed ones exist but none is valid: starting
+    over would throw the run's progress away without anyone deciding to.
     """
     records = scan_checkpoints(fs, run_path, verify="sizes")
     skipped = []
@@ -75,11 +75,13 @@ def newest_valid_checkpoint(fs: pafs.FileSystem, run_path: str, notify: Callable
                     return
         skipped.append(record)
         notify(f"skipping checkpoint {record.uri}: {record.problem}")
-    if skipped:
+    if any(r.state is not None for r in skipped):
         raise CheckpointError(
             f"none of the {len(skipped)} checkpoint folder(s) in {display_path(fs, run_path)} is valid (see the notes above); "
             "delete them (`raylab ckpt clean`) or train under a new --name."
         )
+    if skipped:  # only saves that never completed: no progress to lose
+        notify("no complete checkpoint: starting from the beginning")
     yield None
 
 

@@ -176,6 +176,7 @@ def test_clean_across_runs_with_an_orphan_and_corrupt_folders(ray_session, evalu
         (["list", "../escape"], "does not exist"),
         (["list", "no-such-run"], "no-such-run does not exist"),
         (["info", "ev/../../etc", "--storage", "STORAGE"], "give the checkpoint as <run>/<checkpoint folder>"),
+        (["info", "STORAGE/ev"], "is a run folder, not a checkpoint"),
         (["clean", "ev", "--keep-latest", "1", "--keep-best", "1"], "needs a metric"),
         (["clean", "ev", "--keep-latest", "1", "--mode", "avg"], "mode must be 'min' or 'max'"),
         (["clean", "ev", "--keep-latest", "-1"], "keep-latest must be 0 or more"),
@@ -183,7 +184,7 @@ def test_clean_across_runs_with_an_orphan_and_corrupt_folders(ray_session, evalu
 )
 def test_usage_mistakes_exit_2_in_one_sentence(evaluated_run, args, message):
     storage, _ = evaluated_run
-    args = [str(storage) if a == "STORAGE" else a for a in args]
+    args = [a.replace("STORAGE", str(storage)) for a in args]
     before = names(storage, "ev")
     result = runner.invoke(app, ["ckpt", *args, *([] if "--storage" in args else ["--storage", str(storage)])])
     assert result.exit_code == 2, result.output

@@ -209,6 +209,24 @@ def test_altered_byte_is_caught_by_checksum_and_the_previous_one_used(tmp_path, 
     assert inspect_checkpoint(LOCAL, str(run / newest), "checksums").valid  # rewritten by the resumed run
 
 
+def test_only_interrupted_saves_start_over_but_only_corrupt_ones_stop_the_run(tmp_path, tiny):
+    from raylab.checkpoint import CheckpointError
+
+    launch = LaunchConfig(num_workers=0, storage_path=str(tmp_path), name="bad")
+    run = tmp_path / "bad"
+    (run / "checkpoint_epoch0000_batch000004_step00000004").mkdir(parents=True)  # a save cut before state.json
+    (run / "checkpoint_epoch0000_batch000004_step00000004" / "model.safetensors").write_bytes(b"partial")
+    updates: list[dict] = []
+    train("tinyimagenet", "quick", tiny(max_epochs=1, checkpoint_every_batches=4, max_steps=4), launch, on_progress=updates.append)
+    notices = [u["notice"] for u in updates if "notice" in u]
+    assert any("has no state.json" in n for n in notices) and "no complete checkpoint: starting from the beginning" in notices
+    assert inspect_checkpoint(LOCAL, str(run / "checkpoint_epoch0000_batch000004_step00000004"), "checksums").valid
+    # Now the only checkpoint is complete but corrupt: the run stops instead of silently starting over.
+    (run / "checkpoint_epoch0000_batch000004_step00000004" / "scheduler.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="none of the 1 checkpoint folder.* is valid"):
+        train("tinyimagenet", "quick", tiny(max_epochs=1, checkpoint_every_batches=4), launch)
+
+
 @pytest.mark.ray
 def test_clean_of_registered_checkpoints_then_rerun_through_ray(ray_session, tmp_path, tiny):
     """`raylab ckpt clean` deletes folders Ray's registry lists; the next run must still start."""
