@@ -196,3 +196,17 @@ def test_a_run_through_the_loop_records_rounds_and_accuracy(tmp_path):
     assert (run / "samples" / "step_00000000.png").is_file()
     assert "sample_label_accuracy" in summary.metrics and "sample_label_accuracy_guided" in summary.metrics
     assert summary.metrics["val_loss"].notna().any()
+
+
+def test_the_token_experiments_full_stage_is_the_seeds_32_725_648_parameter_model():
+    from raylab.config import resolve_config
+    from raylab.launch import repo_root
+
+    task = DiTTask()
+    path = repo_root() / "experiments" / "dit_tokens.yaml"
+    full = resolve_config(DiTConfig, path, "full", {})
+    assert task.num_parameters(full) == 32_725_648
+    assert (full.per_worker_batch_size, full.lr, full.sample_every_steps, full.num_samples, full.sampling_steps) == (8, 1e-4, 5, 2, 10)
+    assert full.synthetic_classes * full.synthetic_per_class == 100  # the seed's 100 samples
+    images_full = resolve_config(DiTConfig, repo_root() / "experiments" / "dit.yaml", "full", {})
+    assert images_full.architecture == "DiT-S/2" and images_full.sample_every_steps == 5
