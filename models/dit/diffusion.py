@@ -13,7 +13,9 @@ between the clipped posterior variance and beta), loss = MSE on epsilon + the
 variational-bound term in bits in which the mean is a stop-gradient (the vb
 term trains only the variance), DDIM with eta 0 on the timesteps that
 `space_timesteps(1000, [steps])` keeps. Tables are computed in float64, as in
-the reference, then used in float32.
+the reference, then used in float32. Guidance is applied to every epsilon
+channel (the standard form; the reference applies it to the first 3 of its 4
+latent channels only "for exact reproducibility" of its published numbers).
 """
 
 from __future__ import annotations
