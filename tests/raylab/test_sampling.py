@@ -151,3 +151,24 @@ def test_registry_name_reads_names_and_older_module_paths():
     assert registry_name("models.dit.task") == "dit"
     with pytest.raises(Exception, match="not registered"):
         registry_name("models.nothing.task")
+
+
+def test_real_image_folder_class_names_travel_with_the_checkpoint(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "pets"
+    for name, value in (("cat", 30), ("dog", 220)):
+        (data / name).mkdir(parents=True)
+        for k in range(10):
+            Image.new("L", (12, 12), value + k).save(data / name / f"{k}.png")
+    overrides = {**TINY_DIT, "data_dir": str(data), "max_epochs": 1, "ema_decay": None}
+    train("dit", "quick", overrides, LaunchConfig(num_workers=0, storage_path=str(tmp_path / "runs"), name="pets"))
+    shutil.rmtree(data)  # sampling needs the checkpoint only, not the images
+    out = tmp_path / "dog.json"
+    result, text = _sample(str(tmp_path / "runs" / "pets"), "--n", "2", "--label", "dog", "--out", str(out))
+    assert result.exit_code == 0, text
+    payload = json.loads(out.read_text())
+    assert payload["weights"] == "model.safetensors"
+    assert [s["label"] for s in payload["samples"]] == [{"index": 1, "name": "dog"}] * 2
+    result, text = _sample(str(tmp_path / "runs" / "pets"), "--label", "class_1")
+    assert result.exit_code == 2 and "cat, dog" in text
