@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -97,6 +98,31 @@ def test_plain_ray_job_submit_runs_raylab(head, tmp_path, tiny):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Job 'raysubmit_" in proc.stdout and "succeeded" in proc.stdout
     assert list((storage / "plain").glob("checkpoint_epoch0001_*/model.safetensors"))
+
+
+@pytest.mark.ray
+def test_no_wait_returns_the_job_id_at_once(head):
+    head.wait_for_jobs()
+    proc = run([RAYLAB, "submit", "--address", head.dashboard_url, "--no-wait", "--env", "RAYLAB_NOTE=x y", "--",
+                "train", "--help"], head.env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = re.search(r"job (raysubmit_\w+) submitted", proc.stdout).group(1)
+    assert f"ray job logs {job_id} --address {head.dashboard_url} --follow" in proc.stdout
+    client = head.job_client()
+    assert client.get_job_info(job_id).runtime_env == {"env_vars": {"RAYLAB_NOTE": "x y"}}
+    status = wait_until_terminal(client, job_id)
+    assert status == "SUCCEEDED", client.get_job_logs(job_id)
+    assert "Usage: raylab train" in client.get_job_logs(job_id)  # it ran on the head
+
+
+def wait_until_terminal(client, job_id: str, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            return status
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {status} after {timeout_s} s")
 
 
 @pytest.mark.ray
