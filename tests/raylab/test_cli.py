@@ -56,7 +56,9 @@ def test_bad_options_exit_2_in_one_sentence(tmp_path, args, message):
 def test_unknown_model_exit_2(tmp_path):
     result = runner.invoke(app, ["train", "imagenet22k", "--storage", str(tmp_path)])
     assert result.exit_code == 2
-    assert "unknown model 'imagenet22k'; registered models: tinyimagenet" in result.output
+    from raylab.task import TASKS
+
+    assert f"unknown model 'imagenet22k'; registered models: {', '.join(sorted(TASKS))}" in result.output
 
 
 def test_console_script_reports_config_error_without_starting_ray(tmp_path):
