@@ -49,6 +49,14 @@ _TUNE_EMBEDDED = {"include_dashboard": True, "resources": {TRIAL_RESOURCE: 1000}
 _TUNE_EMBEDDED_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class ResourceError(RuntimeError):
     """The requested workers cannot fit on the Ray cluster."""
 
@@ -96,7 +104,12 @@ def ensure_ray(launch: LaunchConfig, tune: bool = False) -> bool:
     if tune:
         for key, value in _TUNE_EMBEDDED_ENV.items():
             os.environ.setdefault(key, value)
-        ray.init(address="local", **_TUNE_EMBEDDED, **common)
+        # Train's placement-group cleaner (what frees a stopped trial's workers) finds the
+        # dashboard through the state API, which gives up when several Ray instances run on
+        # one machine ("Found multiple active Ray instances"): name ours to every process.
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", dashboard_port=port, **_TUNE_EMBEDDED, **common)
         return True
     ray.init(address="local", include_dashboard=False, **common)
     return True

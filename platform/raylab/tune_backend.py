@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.progress_reporter import TrialProgressCallback
 
 from raylab.config import ConfigError, LaunchConfig
 from raylab.search_space import Dimension, trial_config
@@ -178,10 +179,12 @@ def _scheduler(s: TuneSettings) -> Any:
 
     if s.scheduler == "asha":
         max_t = s.max_steps or 10**9  # rungs past the end of training are never reached
+        # stop_last_trials=False: a trial that reaches the budget ends by itself (and finishes
+        # writing its run folder) instead of being killed at its last report.
         return AsyncHyperBandScheduler(time_attr="step", max_t=max(max_t, s.grace_steps), grace_period=s.grace_steps,
-                                       reduction_factor=s.reduction_factor)
+                                       reduction_factor=s.reduction_factor, stop_last_trials=False)
     if s.scheduler == "hyperband":
-        return HyperBandScheduler(time_attr="step", max_t=s.max_steps, reduction_factor=s.reduction_factor)
+        return HyperBandScheduler(time_attr="step", max_t=s.max_steps, reduction_factor=s.reduction_factor, stop_last_trials=False)
     if s.scheduler == "median":
         return MedianStoppingRule(time_attr="step", grace_period=s.grace_steps, min_samples_required=2)
     return FIFOScheduler()
@@ -198,11 +201,17 @@ def _search(s: TuneSettings) -> Any:
     return BasicVariantGenerator(max_concurrent=s.max_concurrent, random_state=s.seed)
 
 
-class _TrialFeed(ray.tune.Callback):
-    """Turns Tune's trials into TrialRows for the display registered under `sink`."""
+class _TrialFeed(TrialProgressCallback):
+    """Turns Tune's trials into TrialRows for the display registered under `sink`.
 
-    def __init__(self, sink: str, metric: str, mode: str):
-        self.sink, self.metric, self.mode = sink, metric, mode
+    It stands in for Tune's TrialProgressCallback (whose hooks it all overrides):
+    Tune adds that one only when none is given, and it prints each trial's last
+    result even at verbose=0.
+    """
+
+    def __init__(self, sink: str, metric: str, mode: str, max_steps: int | None = None):
+        super().__init__(metric=metric)
+        self.sink, self.metric, self.mode, self.max_steps = sink, metric, mode, max_steps
         self.stopped: set[str] = set()
         self._last_push = 0.0
 
@@ -235,7 +244,7 @@ class _TrialFeed(ray.tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         # Tune marks a result done=True only when a scheduler (or stopper) stops the trial on it:
         # a trial that ends by itself finishes with a duplicate result callbacks never see.
-        if result.get("done"):
+        if result.get("done") and (self.max_steps is None or (result.get("step") or 0) < self.max_steps):
             self.stopped.add(trial.trial_id)
         self._push(trials, force=True)
 
@@ -320,7 +329,7 @@ def run_trials(sweep_uri: str, plan: TrialPlan, dims: list[Dimension], settings:
                     trial_name_creator=trial_name, trial_dirname_creator=trial_name,
                 ),
                 run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=sweep_uri, verbose=0,
-                                              callbacks=[_TrialFeed(_SINK, settings.metric, settings.mode)]),
+                                              callbacks=[_TrialFeed(_SINK, settings.metric, settings.mode, settings.max_steps)]),
             )
         grid = tuner.fit()
     finally:

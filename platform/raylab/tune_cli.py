@@ -175,7 +175,7 @@ def report(
         view.add_row(*(_cell(row[c]) for c in shown))
     out.print(view)
     for path in result.files:
-        out.print(f"wrote {path}", highlight=False)
+        out.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _searched(table: Any) -> list[str]:
