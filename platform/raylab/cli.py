@@ -208,6 +208,28 @@ app.command()(sweep)
 app.command()(report)
 
 
+@app.command()
+def doctor(
+    model: str = typer.Argument(..., help="Registered model name (see `raylab models`)."),
+    stage: str = typer.Option("quick", help="Stage of the experiment file: quick, medium or full."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config field: --set key=value, --set health.<check>=off (repeatable)."),
+    steps: int = typer.Option(300, help="Optimizer steps of the training phase (the stage's schedule is compressed into them)."),
+    experiment: Optional[str] = typer.Option(None, help="Experiment YAML (default: experiments/<model>.yaml)."),
+) -> None:
+    """Pre-flight a model in this process: one batch, forward/backward, sampling with 1 and 3, then --steps of training
+    with every health check; exits 0 healthy, 1 on a finding, 2 on a config error."""
+    from raylab.doctor import run_doctor, verdict_table
+    from raylab.progress import LiveProgress
+
+    try:
+        with LiveProgress(f"doctor {model} {stage}") as live:
+            result = run_doctor(model, stage, parse_overrides(set_), steps, experiment, on_progress=live)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    out.print(verdict_table(result))
+    raise typer.Exit(result.exit_code)
+
+
 def main() -> None:
     app()
 

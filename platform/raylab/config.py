@@ -22,6 +22,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raylab.health_config import HealthConfig
+
 STAGES = ("quick", "medium", "full")
 Stage = Literal["quick", "medium", "full"]
 
@@ -55,6 +57,7 @@ class TrainConfig(BaseModel):
     sample_every_steps: int = Field(0, ge=0, description="Optimizer steps between sampling rounds (0: with every evaluation). One round also runs before the first step, so a broken sampler fails in seconds, not hours.")
     init_from: str | None = Field(None, description="Warm start: a checkpoint folder (or a run folder: its newest valid checkpoint), local or s3://, whose tensors with matching names and shapes initialise a fresh run; the rest stay at init and warm_start.json says which. Ignored when the run resumes from its own checkpoints.")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the weights with this decay (e.g. 0.9999 for DiT), saved as ema.safetensors and used for evaluation and sampling (None: off).")
+    health: HealthConfig = Field(default_factory=HealthConfig, description="Training health checks, each warn | stop | off, and their warm-up and window sizes (raylab.health_config; --set health.<check>=stop).")
 
     @model_validator(mode="after")
     def _checkpoint_on_step_boundary(self) -> "TrainConfig":
@@ -89,7 +92,7 @@ _FLAGS = {"num_workers": "--workers", "use_gpu": "--gpus", "cpus_per_worker": "-
           "name": "--name", "address": "--address", "max_failures": "--max-failures"}
 
 
-_LOWER_IS_BETTER = ("loss", "mae", "rmse", "mape", "error", "perplexity")
+_LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse", "mape", "error", "perplexity", "vb")
 
 
 def metric_mode(name: str) -> Literal["min", "max"]:
@@ -132,18 +135,32 @@ def validate_config(config_cls: type[TrainConfig], values: dict[str, Any], where
         raise ConfigError(f"{where}: {problems}.") from None
 
 
+def merge_values(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` updated by `extra`; nested sections (e.g. `health`) are merged key by key, not replaced."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge_values(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Turn `["lr=1e-3", "family=se"]` into a dict; values are parsed as YAML scalars."""
+    """Turn `["lr=1e-3", "health.labels=off"]` into a dict; values are parsed as YAML scalars and
+    a dotted key sets a field of a nested section (`{"health": {"labels": "off"}}`)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip()
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             raise ConfigError(f"--set '{pair}' is not of the form key=value.")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
-            out[key] = raw
+            value = raw
+        *sections, name = key.split(".")
+        for section in reversed(sections):
+            value = {name: value}
+            name = section
+        out = merge_values(out, {name: value})
     return out
 
 
@@ -174,7 +191,7 @@ def stage_values(experiment: dict[str, Any], stage: str, path: Path) -> dict[str
         raise ConfigError(
             f"experiment file {path} has no stage '{stage}' (it has: {', '.join(experiment['stages'])})."
         )
-    return {**(experiment.get("defaults") or {}), **experiment["stages"][stage]}
+    return merge_values(experiment.get("defaults") or {}, experiment["stages"][stage])
 
 
 def resolve_config(
@@ -182,5 +199,5 @@ def resolve_config(
 ) -> TrainConfig:
     """Validated config for `stage` of the experiment at `path`, with overrides applied."""
     experiment = read_experiment(path)
-    values = {**stage_values(experiment, stage, path), **overrides}
+    values = merge_values(stage_values(experiment, stage, path), overrides)
     return validate_config(config_cls, values, f"{path} stage '{stage}'")

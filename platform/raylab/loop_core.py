@@ -31,6 +31,7 @@ import numpy as np
 
 from raylab.checkpoint import read_checkpoint_state
 from raylab.config import ConfigError, TrainConfig
+from raylab.health import HealthMonitor
 from raylab.loop_reporting import Checkpointer, MetricsWindow, RunRecorder, TrainingHealthError, check_replicas_agree, checkpoint_name
 from raylab.session import Session
 from raylab.task import SampleOutput, TaskContext
@@ -218,6 +219,8 @@ class TrainingRun:
         self.start = resume(stepper, cfg, session)
         self.pos = self.start.pos
         self.recorder = RunRecorder(session, cfg, self.plan, self.pos, headline)
+        self.health = HealthMonitor.for_run(stepper, cfg, self.recorder)  # raylab.health: the checks, at named points
+        self.recorder.row_health = self.health.take_row_text
         self.recorder.total_steps = remaining_steps(cfg, self.plan, self.pos)
         self.recorder.last_checkpoint = self.start.checkpoint
         self.checkpointer = Checkpointer(stepper, cfg, session, task_name, metadata)
@@ -247,6 +250,7 @@ class TrainingRun:
             self.sample_round()  # fail on a broken sampler now, not after hours of training
             self.recorder.flush_pending()
         self.stepper.start_training()
+        self.health.start(self.pos)
         while not self.finished():
             self.train_epoch()
         self.recorder.close()
@@ -261,11 +265,13 @@ class TrainingRun:
         # A resume with a larger batch size can start past the end of the plan: the epoch is over.
         for batch in self.stepper.batches(pos.epoch, plan[pos.batch_in_epoch:]):
             step_ends = (pos.batch_in_epoch + 1) % cfg.grad_accum_steps == 0
+            self.health.before_micro_batch(batch, plan[pos.batch_in_epoch], pos)
             self.train_micro_batch(batch, step_ends)
             if not step_ends:
                 continue
             self.stepper.optimizer_step()
             pos.global_step += 1
+            self.health.after_optimizer_step(pos, self.stepper.learning_rate())
             self.window.seconds += time.perf_counter() - tick
             epoch_ends = pos.batch_in_epoch == len(plan)
             if not self.after_step(epoch_ends) or epoch_ends:
@@ -285,6 +291,7 @@ class TrainingRun:
                 f"loss became {loss} at epoch {pos.epoch}, batch {pos.batch_in_epoch}, step {pos.global_step}; "
                 f"lower lr (now {self.stepper.learning_rate():.3g}) or set grad_clip_norm."
             )
+        self.health.after_micro_batch(metrics, step_ends, pos)
         self.window.add(metrics, self.cfg.per_worker_batch_size * self.ctx.world_size)
         self.epoch_loss[0] += loss
         self.epoch_loss[1] += 1
@@ -309,9 +316,12 @@ class TrainingRun:
     def sample_round(self) -> None:
         if self.cfg.num_samples and self.ctx.is_main:
             self.recorder.samples(self.stepper.sample(self.cfg.num_samples))
+            self.health.after_inference("sampling", self.pos)
 
     def report(self, evaluate: bool, checkpoint: bool) -> None:
         eval_metrics = {f"val_{k}": float(v) for k, v in self.stepper.evaluate().items()} if evaluate else {}
+        if evaluate:
+            self.health.after_inference("evaluation", self.pos)
         if evaluate and not self.cfg.sample_every_steps:
             self.sample_round()  # sample_every_steps 0: a round with every evaluation
         row = self.recorder.row(self.stepper.learning_rate(), self.window.read(), eval_metrics)

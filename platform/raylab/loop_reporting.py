@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from raylab.checkpoint import finalize_checkpoint
 from raylab.config import TrainConfig
@@ -89,6 +89,7 @@ class RunRecorder:
         self.total_steps = 0
         self.last_checkpoint: str | None = None
         self.pending: dict[str, float] = {}  # sampling-round metrics waiting for this step's row
+        self.row_health: Callable[[], str] = lambda: ""  # health findings since the last row (raylab.health)
 
     def progress(self, **extra: Any) -> None:
         if self.main:
@@ -126,7 +127,7 @@ class RunRecorder:
 
     def record(self, row: dict[str, Any]) -> None:
         if self.main:
-            self.metrics_log.append(row)
+            self.metrics_log.append({**row, "health": self.row_health()})
             self.tensorboard.scalars(row, self.pos.global_step)
             self.tensorboard.sync()
         self.progress(**{k: v for k, v in row.items() if k not in ("step", "epoch")})

@@ -47,6 +47,8 @@ def status_text(update: dict[str, Any]) -> str:
         parts.append(f"{update['samples_per_s']:.0f} samples/s")
     if update.get("last_checkpoint"):
         parts.append(f"last checkpoint {update['last_checkpoint']}")
+    if update.get("health_findings"):
+        parts.append(f"health: {update['health_findings']} finding(s), see health.json")
     return "  ".join(parts)
 
 
@@ -83,6 +85,9 @@ class LiveProgress:
         notice = update.pop("notice", None)
         if notice:
             self.console.print(f"[yellow]note:[/] {notice}", soft_wrap=True, highlight=False)
+        health = update.pop("health_notice", None)  # raylab.health: each finding once, with its advice
+        if health:
+            self.console.print(f"[bold red]health:[/] {health}", soft_wrap=True, highlight=False)
         # Eval rows carry val_* keys; keep the last values so the line never flickers empty.
         self._last.update(update)
         merged = self._last

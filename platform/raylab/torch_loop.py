@@ -190,6 +190,12 @@ class TorchStepper:
     def fingerprint(self) -> list[float]:
         return weights_fingerprint(self.model)
 
+    def health_probe(self):
+        """The health checks' view of this model and optimizer (raylab.torch_health)."""
+        from raylab.torch_health import TorchProbe
+
+        return TorchProbe(self.model, self.optimizer)
+
     def finish(self) -> None:
         pass
 
