@@ -17,6 +17,21 @@ answers these questions:
     headline_metrics                metric names (no train_/val_ prefix) the live
                                     line shows, e.g. ("loss", "cls_loss", "geo_loss")
 
+Optional declarations for the training health checks (`raylab.health`); a
+check whose declaration is missing does not apply, so nothing false is reported:
+
+    num_classes                     int, after build: the classes of the data; the
+                                    model's output must end in this many scores,
+                                    chance accuracy is 1/num_classes, a uniform
+                                    prediction's loss ln(num_classes)
+    class_labels(batch)             the integer class labels of a micro-batch, checked
+                                    against [0, num_classes) (-100, PyTorch's
+                                    ignore_index, is skipped)
+    describe_sample(index)          a training sample's name (file, id) for messages
+                                    such as "NaN in batch[0] of clip_05.npy"
+    accuracy_metric                 the loss()'s metric that is a classification
+                                    accuracy (default "accuracy")
+
 The loss/step split (rather than a `train_step` that steps the optimizer) is
 what lets the loop own accumulation, DDP's no_sync and gradient clipping once
 for every model. A TensorFlow loop will pair with the same registry and config
