@@ -17,6 +17,10 @@ answers these questions:
     headline_metrics                metric names (no train_/val_ prefix) the live
                                     line shows, e.g. ("loss", "cls_loss", "geo_loss")
 
+Optional: `build_for_sampling(cfg, ctx, task_metadata) -> model` builds the model
+from a checkpoint's config and stored metadata without reading the data, for
+`raylab sample` (DiT has it; tasks without it are built with `build`).
+
 Optional declarations for the training health checks (`raylab.health`); a
 check whose declaration is missing does not apply, so nothing false is reported:
 
