@@ -33,7 +33,7 @@ from shapely.geometry import Polygon
 
 from models.craft.data import DataError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER_NAME = ".raylab_synthetic.json"
 GLYPHS = "ABCDEFGHJKLMNPRSTUVWXYZ23456789"
 _FONTS = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX)
@@ -133,7 +133,8 @@ def render_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[
         dont_care = rng.random() < _DONT_CARE_FRACTION
         draw_word(pixels, rng, text, cell_w, cell_h, transform, faint=dont_care)
         words.append((np.round(quad).astype(np.int32), "###" if dont_care else text))
-    return np.clip(pixels + rng.normal(0, 6, pixels.shape), 0, 255).astype(np.uint8), words
+    noise = rng.standard_normal(pixels.shape, dtype=np.float32) * 6.0
+    return np.clip(pixels + noise, 0, 255).astype(np.uint8), words
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -182,9 +183,13 @@ def _place_word(rng: np.random.Generator, size: int, placed: list[Polygon]):
     return None
 
 
-def _glyph(char: str, cell_w: float, cell_h: float, font: int, thickness: int) -> np.ndarray:
-    """A (cell_h, cell_w) uint8 ink mask with `char` centred in it, upsampled 4x for clean edges."""
-    up = 4
+def _upsampling(cell_h: float) -> int:
+    # Small glyphs are drawn 4x larger and averaged down for clean edges; big ones need less.
+    return 4 if cell_h < 32 else max(1, round(128 / cell_h))
+
+
+def _glyph(char: str, cell_w: float, cell_h: float, font: int, thickness: int, up: int) -> np.ndarray:
+    """A (cell_h, cell_w) x `up` uint8 ink mask with `char` centred in it."""
     w, h = max(1, round(cell_w * up)), max(1, round(cell_h * up))
     scale = 0.62 * h / 22.0  # Hershey capitals are ~22 px tall at scale 1
     canvas = np.zeros((h * 2, w * 2), np.uint8)
@@ -210,19 +215,30 @@ def draw_word(pixels: np.ndarray, rng: np.random.Generator, text: str, cell_w: f
     """Draw `text` one glyph per `cell_w` x `cell_h` cell; `transform` (2x3) maps the word's frame into `pixels`."""
     font = _FONTS[int(rng.integers(0, len(_FONTS)))]
     thickness = int(rng.integers(1, 3))
-    glyphs = [_glyph(c, cell_w, cell_h, font, thickness) for c in text]
+    up = _upsampling(cell_h)
+    glyphs = [_glyph(c, cell_w, cell_h, font, thickness, up) for c in text]
     # Cells are placed by their real-valued offsets, so the word stays monospaced at any size.
     up_w = sum(g.shape[1] for g in glyphs)
-    mask = np.zeros((glyphs[0].shape[0], max(up_w, round(cell_w * 4 * len(text)))), np.uint8)
+    mask = np.zeros((glyphs[0].shape[0], max(up_w, round(cell_w * up * len(text)))), np.uint8)
     for i, glyph in enumerate(glyphs):
-        x = round(i * cell_w * 4)
+        x = round(i * cell_w * up)
         mask[:, x:x + glyph.shape[1]] = np.maximum(mask[:, x:x + glyph.shape[1]], glyph[:, :mask.shape[1] - x])
     # Down to word-frame pixels by area averaging (warpAffine alone would alias), then into the image.
     small = cv2.resize(mask, (max(1, round(cell_w * len(text))), max(1, round(cell_h))), interpolation=cv2.INTER_AREA)
-    alpha = cv2.warpAffine(small, transform, (pixels.shape[1], pixels.shape[0]), flags=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+    # Only the word's bounding window (plus a blur margin) is warped and blended.
+    corners = np.float32([[0, 0], [small.shape[1], 0], [small.shape[1], small.shape[0]], [0, small.shape[0]]])
+    spots = corners @ transform[:, :2].T + transform[:, 2]
+    x0, y0 = np.maximum(np.floor(spots.min(axis=0)).astype(int) - 4, 0)
+    x1, y1 = np.minimum(np.ceil(spots.max(axis=0)).astype(int) + 5, [pixels.shape[1], pixels.shape[0]])
+    if x1 <= x0 or y1 <= y0:
+        return
+    shifted = transform.copy()
+    shifted[:, 2] -= np.float32([x0, y0])
+    alpha = cv2.warpAffine(small, shifted, (int(x1 - x0), int(y1 - y0)), flags=cv2.INTER_LINEAR).astype(np.float32) / 255.0
     if faint:
         alpha = cv2.GaussianBlur(alpha, (0, 0), 1.2) * 0.45
-    local = pixels[alpha > 0.1].mean(axis=0) if (alpha > 0.1).any() else pixels.mean(axis=(0, 1))
+    window = pixels[y0:y1, x0:x1]
+    local = window[alpha > 0.1].mean(axis=0) if (alpha > 0.1).any() else window.mean(axis=(0, 1))
     # Ink contrasts with what is under it: dark text on light ground and vice versa.
     ink = rng.uniform(0, 50, 3) if local.mean() > 128 else rng.uniform(205, 255, 3)
-    pixels[:] = pixels * (1 - alpha[..., None]) + ink * alpha[..., None]
+    window[:] = window * (1 - alpha[..., None]) + ink * alpha[..., None]

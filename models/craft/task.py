@@ -28,17 +28,20 @@ from models.craft.evaluation import MatchCounts, match_image
 from models.craft.loss import MiningConfig, craft_loss
 from models.craft.model import build_craft, count_parameters
 from models.craft.postprocess import PostprocessThresholds, detect_words
-from models.craft.synthetic import write_synthetic
+from models.craft.synthetic import GENERATOR_VERSION, write_synthetic
 from raylab.cache import cache_dir
 from raylab.task import SampleOptions, SampleOutput, TaskContext, TorchParts
 
-_PNG_TILE = 256  # px: each sample image is drawn at most this big in the PNG
+_PNG_TILE = 256  # px: the longer side of each sample image in the PNG
 
 
 def synthetic_root(cfg: CraftConfig) -> Path:
     if cfg.synthetic_dir is not None:
         return cfg.synthetic_dir
-    name = f"n{cfg.synthetic_train_images}-v{cfg.synthetic_val_images}-px{cfg.synthetic_image_size}-s{cfg.synthetic_seed}"
+    # The generator version is part of the name: a newer generator writes a new folder
+    # instead of tripping over an older one's marker.
+    name = (f"g{GENERATOR_VERSION}-n{cfg.synthetic_train_images}-v{cfg.synthetic_val_images}"
+            f"-px{cfg.synthetic_image_size}-s{cfg.synthetic_seed}")
     return cache_dir("craft-synthetic", name)
 
 
@@ -174,8 +177,8 @@ def _draw_tile(record: ImageRecord, detections: list[tuple[np.ndarray, float]], 
     """One PNG row: the image with ground truth (green, don't-care grey) and detections (red), then both maps."""
     image = read_rgb(record.image)
     original_h, original_w = image.shape[:2]
-    scale = min(1.0, _PNG_TILE / max(original_h, original_w))
-    image = np.ascontiguousarray(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image)
+    scale = _PNG_TILE / max(original_h, original_w)  # small images are enlarged so boxes stay visible
+    image = np.ascontiguousarray(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST))
     for word in record.words:
         colour = (160, 160, 160) if word.dont_care else (0, 200, 0)
         cv2.polylines(image, [np.round(word.quad * scale).astype(np.int32)], True, colour, 1)
