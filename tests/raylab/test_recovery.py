@@ -95,6 +95,27 @@ def test_worker_sigkilled_mid_epoch_restarts_from_newest_checkpoint(uninterrupte
     assert DEATH_PARAGRAPH not in captured.out + captured.err
 
 
+@pytest.mark.ray
+def test_worker_death_without_restarts_left_fails_in_one_sentence(ray_session, tmp_path, tiny, monkeypatch):
+    from raylab.ray_failures import WorkerDiedError
+
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    monkeypatch.setenv("RAYLAB_TEST_PID_DIR", str(pid_dir))
+    killed: list[int] = []
+
+    def watch(update: dict) -> None:
+        if not killed and update.get("last_checkpoint"):
+            killed.append(int((pid_dir / "rank0.pid").read_text()))  # the checkpoint writer this time
+            os.kill(killed[0], signal.SIGKILL)
+
+    with pytest.raises(WorkerDiedError) as failure:
+        train("tinyimagenet", "quick", recovery_cfg(tiny, 1), LaunchConfig(num_workers=2, storage_path=str(tmp_path), name="gone"), on_progress=watch)
+    message = str(failure.value)
+    assert message.startswith(f"worker 0 (pid {killed[0]}) died: ") and message.endswith("no restarts left (raise --max-failures to recover from this)")
+    assert "\n" not in message
+
+
 def _cli(storage: Path, name: str, cfg: dict) -> list[str]:
     command = [shutil.which("raylab") or sys.executable, *([] if shutil.which("raylab") else ["-m", "raylab.cli"])]
     sets = [f"--set={k}={'null' if v is None else v}" for k, v in cfg.items()]
