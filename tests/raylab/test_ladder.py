@@ -68,8 +68,8 @@ def test_bad_ladder_sections_exit_2_before_ray_starts(tmp_path, tiny_data, monke
 def test_three_stages_warm_start_across_sizes_and_families(tmp_path, tiny_data):
     # quick: residual width 4 (a 2-trial lr search) -> medium: width 8 (every conv changes
     # shape) -> full: squeeze-excitation at width 8 (same shapes, extra SE layers).
-    stages = {"quick": {}, "medium": {"width": 8}, "full": {"width": 8, "family": "se"}}
-    ladder = {"metric": "val_loss", "quick": {"gate": {"below": 100.0}}, "medium": {"carry": ["lr"]}}
+    stages = {"quick": {"max_epochs": 2}, "medium": {"width": 8}, "full": {"width": 8, "family": "se"}}
+    ladder = {"metric": "val_accuracy", "quick": {"gate": {"above": 0.3}}, "medium": {"carry": ["lr"]}}
     search = {"quick": {"space": {"lr": "grid(1e-7, 3e-3)"}, "samples": 1, "scheduler": "fifo"}}
     experiment = write_experiment(tmp_path, tiny_data, stages, ladder=ladder, search=search)
     storage = tmp_path / "runs"
@@ -96,7 +96,7 @@ def test_three_stages_warm_start_across_sizes_and_families(tmp_path, tiny_data):
     table = load_results("three", storage=str(storage))  # the report's table, from Python
     assert list(table["stage"]) == ["quick", "quick", "medium", "full"]
     assert table.loc[table["chosen"], "trial"].tolist() == ["trial_001", "trial_000", "trial_000"]
-    assert table["best_val_loss"].notna().all() and table["steps"].eq(12).all()
+    assert table["best_val_accuracy"].notna().all() and list(table["steps"]) == [24, 24, 12, 12]
 
 
 @pytest.mark.ray
