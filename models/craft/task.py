@@ -83,7 +83,7 @@ class CraftTask:
         self.mining = MiningConfig(cfg.positive_threshold, cfg.negative_ratio, cfg.negatives_without_positives)
         self.thresholds = PostprocessThresholds(cfg.text_threshold, cfg.link_threshold, cfg.low_text)
         self.val_data = CraftDataset(load_split(root, "test"), cfg.eval_image_size, augment=False, seed=cfg.seed)
-        train_data = CraftDataset(
+        train_data = self.train_data = CraftDataset(
             load_split(root, "train"), cfg.image_size, cfg.augment, cfg.seed, cfg.augment_min_scale, cfg.augment_max_scale
         )
         model = build_craft(cfg.width_divisor).to(ctx.device)
@@ -98,6 +98,10 @@ class CraftTask:
             "thresholds": {"text": cfg.text_threshold, "link": cfg.link_threshold, "low_text": cfg.low_text},
         }
         return TorchParts(model=model, optimizer=optimizer, train_data=train_data, make_scheduler=make_scheduler, metadata=metadata)
+
+    def describe_sample(self, index: int) -> str:
+        """A training sample's image file, for the health checks' messages."""
+        return str(self.train_data.records[index].image)
 
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, region, affinity, mask = batch

@@ -42,6 +42,7 @@ def test_task_builds_from_the_synthetic_icdar_folder(built, tiny_craft: dict) ->
     assert (root / "train_gts" / "gt_img_1.txt").is_file() and (root / "test_images" / "img_9.jpg").is_file()
     assert len(parts.train_data) == 16 and len(task.val_data) == 9
     assert task.headline_metrics == ("loss", "cls_loss", "geo_loss", "hmean")
+    assert task.describe_sample(2).endswith("train_images/img_3.jpg")
     json.dumps(parts.metadata)
 
 
