@@ -328,8 +328,7 @@ class TfStepper:
 def train_tf(task: TfTask, cfg: TrainConfig, session: Session) -> dict[str, Any]:
     """Train a TensorFlow `task` with `cfg`, reporting to `session`; returns the last report's metrics."""
     stepper = TfStepper(task, cfg, session)
-    return run_loop(
-        stepper, cfg, session, task_name_of(task),
-        headline=tuple(getattr(task, "headline_metrics", ("loss",))),
-        metadata={**stepper.parts.metadata, "tensorflow": stepper.settings},
-    )
+    # The TensorFlow settings that decide the bits go into every checkpoint beside the task's facts.
+    metadata = {**stepper.parts.metadata, "tensorflow": stepper.settings}
+    headline = tuple(getattr(task, "headline_metrics", ("loss",)))
+    return run_loop(stepper, cfg, session, task_name_of(task), headline=headline, metadata=metadata)

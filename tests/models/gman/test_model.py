@@ -105,11 +105,17 @@ def test_a_smaller_stage_is_a_subset_of_a_larger_one_by_path():
     assert all("_1/" in p for p in large - small)
 
 
-def test_model_takes_raw_readings_and_returns_raw_scale():
+def test_model_normalises_inputs_and_denormalises_forecasts_with_the_training_mean_and_std():
+    import keras
+
     cfg = tiny()
-    model = build_model(cfg, np.zeros((2, 64)), 1000.0, 1.0)
-    out = np.asarray(model(inputs(cfg, 2, 2), training=False))
-    assert np.all(np.abs(out - 1000.0) < 100.0)  # de-normalised around the training mean
+    x, te = inputs(cfg, 2, 3)
+    outputs = []
+    for mean, std in ((0.0, 1.0), (55.0, 8.0)):
+        keras.utils.set_random_seed(4)
+        model = build_model(cfg, np.ones((3, 64)), mean, std)
+        outputs.append(np.asarray(model((x * std + mean, te), training=False)))
+    np.testing.assert_allclose(outputs[1], outputs[0] * 8.0 + 55.0, rtol=1e-4)
 
 
 def test_the_seed_decides_the_initial_weights():

@@ -68,13 +68,23 @@ def test_two_worker_mid_epoch_resume_is_bit_identical(storage, traffic_files, tw
     assert [k for k in a if not np.array_equal(a[k], b[k])] == []
 
 
+def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
 def test_two_workers_batch_b_train_like_one_worker_batch_2b(ray_session, storage, traffic_files):
     # Without dropout the two runs see the same global batches (the plan shards each global
-    # batch across workers) and must take the same steps, up to float summation order.
+    # batch across workers) and take the same steps up to float summation order. Compared:
+    # kernels, BatchNorm variances and Adam's first moments of the kernels -- these are linear
+    # in the gradients, so a loss divided by each worker's own weight would show (Adam's update
+    # itself ignores a constant scale). Biases feeding a BatchNorm are left out: their true
+    # gradient is 0, so Adam steps them by +-lr on float noise alone.
     two = run(storage, "b8x2", tiny(traffic_files, seed=9, output_dropout=0.0, num_samples=0), workers=2)
     one = run(storage, "b16x1", tiny(traffic_files, seed=9, output_dropout=0.0, num_samples=0, per_worker_batch_size=16), workers=0)
     a, b = tensors(two.latest_checkpoint), tensors(one.latest_checkpoint)
     assert two.final["train_loss"] == pytest.approx(one.final["train_loss"], rel=1e-4)
-    for key in a:
-        if "kernel" in key or "moving" in key:
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-5, err_msg=key)
+    limits = {"/kernel": 1e-3, "moving_variance": 1e-3, "_kernel_momentum": 2e-2}
+    worst = {end: max(relative_difference(a[k], b[k]) for k in a if k.endswith(end)) for end in limits}
+    assert all(worst[end] < limit for end, limit in limits.items()), worst
+    scale = [np.linalg.norm(a[k]) / np.linalg.norm(b[k]) for k in a if k.endswith("_kernel_momentum")]
+    assert 0.98 < min(scale) and max(scale) < 1.02, (min(scale), max(scale))

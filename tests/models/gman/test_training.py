@@ -95,6 +95,14 @@ def test_mid_epoch_resume_is_bit_identical(storage, traffic_files, whole):
     assert_identical(tensors(whole.latest_checkpoint), tensors(resumed.latest_checkpoint))
 
 
+def test_gradient_accumulation_steps_once_per_accumulated_batch(storage, traffic_files):
+    summary = run_local(storage, "accum", tiny_overrides(traffic_files, grad_accum_steps=2, max_steps=3, num_samples=0))
+    state = read_checkpoint_state(summary.latest_checkpoint)
+    assert state["position"] == {"epoch": 0, "batch_in_epoch": 6, "global_step": 3}
+    assert int(tensors(summary.latest_checkpoint)["adam/iteration"]) == 3
+    assert np.isfinite(summary.final["train_loss"])
+
+
 def test_early_stopping_ends_the_run_at_the_first_epoch_without_improvement(storage, traffic_files):
     # 5 steps an epoch and an lr that cannot move a weight: only BatchNorm's moving statistics
     # change, so the validation MAE drifts both ways and, with patience 1, the run must stop
