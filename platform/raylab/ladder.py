@@ -258,7 +258,7 @@ def run_ladder(plan: LadderPlan, say: Callable[[str], None] = print) -> list[Sta
     record.write(status="running", stages_requested=plan.stages)
     outcomes: list[StageOutcome] = []
     previous = _previous_done(record, plan.stages[0])
-    init_from = plan.init_from or (previous or {}).get("best_checkpoint")
+    init_from = plan.init_from or (previous or {}).get("checkpoint_location")
     for stage in plan.stages:
         state = record.stage(stage)
         carried = _carried(plan, stage, previous, fs, path)
@@ -270,7 +270,7 @@ def run_ladder(plan: LadderPlan, say: Callable[[str], None] = print) -> list[Sta
             outcomes.append(StageOutcome(stage, "done earlier", state["best_trial"], state["best"], state["best_checkpoint"],
                                          warm_counts({"counts": state["warm_start"]} if state.get("warm_start") else None),
                                          gate=state.get("gate") or "-"))
-            previous, init_from = state, state["best_checkpoint"]
+            previous, init_from = state, state["checkpoint_location"]
             continue
         if state["attempt"] and state.get("fingerprint") != digest:
             state["attempt"] += 1
@@ -287,7 +287,7 @@ def run_ladder(plan: LadderPlan, say: Callable[[str], None] = print) -> list[Sta
         if outcome.status != "done":
             record.write(status="stopped", stopped_at=stage)
             raise (GateFailed if outcome.status == "gate_failed" else LadderError)(outcome.message)
-        previous, init_from = state, state["best_checkpoint"]
+        previous, init_from = state, state["checkpoint_location"]
     record.write(status="finished")
     return outcomes
 
@@ -319,7 +319,7 @@ def _run_stage(stage: str, sweep: SweepPlan, plan: LadderPlan, fs: Any, folder: 
     result = run_sweep(sweep)
     best = result.best
     state.update(wall_s=state.get("wall_s", 0.0) + result.wall_s)
-    if best is None or best.best_checkpoint is None:
+    if best is None or best.checkpoint_location is None:
         errors = "; ".join(f"{t.name}: {t.error}" for t in result.trials if t.error) or f"no trial reported {sweep.metric} with a checkpoint"
         state.update(status="failed", error=errors)
         return StageOutcome(stage, "failed", message=f"{stage} produced no result: {errors}.", wall_s=result.wall_s)
@@ -327,6 +327,7 @@ def _run_stage(stage: str, sweep: SweepPlan, plan: LadderPlan, fs: Any, folder: 
     if warm:
         say(f"{stage}: {warm['summary']}")
     state.update(best_trial=best.name, best=best.best, best_checkpoint=best.best_checkpoint, params=best.params,
+                 checkpoint_location=best.checkpoint_location,
                  warm_start=(warm or {}).get("counts"))
     failed = check_gate(stage, plan.spec.stage(stage).gate, sweep.metric, result, fs, folder)
     if failed:

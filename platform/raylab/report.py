@@ -106,6 +106,7 @@ def run_outcome(fs: pafs.FileSystem, run_path: str, metric: str, mode: str) -> d
         "train_s": wall_seconds(metrics),
         "wall_s": _wall_since(fs, run_path, trial.get("started")) or wall_seconds(metrics),
         "best_checkpoint": record.uri if record else None,
+        "best_checkpoint_name": record.name if record else None,
         "latest_checkpoint": valid[-1].uri if valid else None,
         "config": config, "params": trial.get("params", {}), "error": trial.get("error"),
         "warm_start": (warm or {}).get("counts"), "metrics": metrics,

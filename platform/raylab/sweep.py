@@ -105,7 +105,8 @@ class TrialOutcome:
     final: float | None = None
     steps: int = 0
     wall_s: float = 0.0
-    best_checkpoint: str | None = None
+    best_checkpoint: str | None = None  # as shown to people
+    checkpoint_location: str | None = None  # what init_from takes (an s3 URI keeps its ?endpoint_override=...)
     error: str | None = None
 
 
@@ -324,6 +325,7 @@ def run_sweep(plan: SweepPlan, display: SweepTable | None = None, on_note: Calla
             name=row.name, state=row.state, params=row.params, run=outcome["run"], best=outcome["best"],
             final=outcome["final"], steps=outcome["steps"], wall_s=outcome["wall_s"],
             best_checkpoint=outcome["best_checkpoint"], error=row.error or outcome.get("error"),
+            checkpoint_location=join_uri(plan.uri, row.name, outcome["best_checkpoint_name"]) if outcome["best_checkpoint_name"] else None,
         ))
     best = result.best
     record.data.update(status="finished", best=asdict(best) if best else None, wall_s=result.wall_s)

@@ -12,6 +12,7 @@ configuration error (reported before Ray starts).
 
 from __future__ import annotations
 
+import shlex
 import traceback
 from pathlib import Path
 from typing import Any, List, Optional
@@ -92,7 +93,7 @@ def ladder(
     out.print(table)
     for o in outcomes:
         out.print(f"{o.stage} best checkpoint: {o.best_checkpoint}", highlight=False, markup=False, soft_wrap=True)
-    out.print(f"report: raylab report {plan.name} --storage {storage}", highlight=False, markup=False)
+    out.print(f"report: raylab report {plan.name} --storage {shlex.quote(storage)}", highlight=False, markup=False, soft_wrap=True)
 
 
 def sweep(
@@ -179,7 +180,7 @@ def report(
 
 
 def _searched(table: Any) -> list[str]:
-    fixed = {"kind", "stage", "stage_status", "chosen", "trial", "state", "metric", "best", "final", "steps", "wall_s",
+    fixed = {"kind", "stage", "stage_status", "chosen", "trial", "state", "metric", "best", "final", "steps", "wall_s", "train_s",
              "best_checkpoint", "latest_checkpoint", "run", "error", "config"}
     return [c for c in table.columns if c not in fixed and not c.startswith(("final_", "best_", "warm_"))]
 
