@@ -94,6 +94,9 @@ def train(
     except Exception as exc:  # the run failed: show the cause, not Ray's wrapping
         if debug:
             err.print(traceback.format_exc())
+        if isinstance(exc, OSError) and "://" in storage:
+            _fail(f"run failed: storage {storage} could not be read or written ({' '.join(str(exc).split())}); "
+                  "checkpoints already in storage are intact: rerun the same command (same --name) to resume from the newest one.", 1)
         _fail(f"run failed: {type(exc).__name__}: {exc}".rstrip(), 1)
 
     final = summary.final

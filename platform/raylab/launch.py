@@ -10,12 +10,14 @@ worker count) is checked here, before Ray starts.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 
@@ -71,6 +73,26 @@ def check_storage(fs, run_path: str, storage: str) -> None:
         raise ConfigError(f"storage '{storage}' is not writable ({exc}); pass a writable --storage folder or URI.") from None
 
 
+@contextlib.contextmanager
+def in_process_threads(cpus: float) -> Iterator[None]:
+    """An in-process run (--workers 0) computes with as many threads as a Ray worker with
+    `cpus` CPUs would (Ray sets OMP_NUM_THREADS to a worker's CPUs): the same numbers as
+    --workers 1, and no collapse when the machine is oversubscribed (two OpenMP threads
+    fighting other processes for 2 cores ran steps 10x slower here). --cpus-per-worker raises it."""
+    import torch
+
+    threads = max(1, int(cpus))
+    before, before_env = torch.get_num_threads(), os.environ.get("RAYLAB_TF_THREADS")
+    torch.set_num_threads(threads)
+    os.environ.setdefault("RAYLAB_TF_THREADS", str(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if before_env is None:
+            os.environ.pop("RAYLAB_TF_THREADS", None)
+
+
 @dataclass
 class RunSummary:
     name: str
@@ -112,20 +134,21 @@ def train(
         from raylab.task import framework_of
 
         session = LocalSession(run_path, on_progress=on_progress, retention=RetentionPolicy.from_config(cfg), filesystem=fs)
-        if framework_of(task) == "tensorflow":
-            from raylab.tf_loop import train_tf
+        with in_process_threads(launch.cpus_per_worker):
+            if framework_of(task) == "tensorflow":
+                from raylab.tf_loop import train_tf
 
-            train_tf(task, cfg, session)
-        else:
-            from raylab.torch_loop import train_torch
+                train_tf(task, cfg, session)
+            else:
+                from raylab.torch_loop import train_torch
 
-            train_torch(task, cfg, session)
+                train_torch(task, cfg, session)
     else:
         from raylab.ray_backend import run_on_ray
 
         run_on_ray(task_name, cfg, launch, name, storage, on_progress)
     metrics = read_metrics(fs, run_path)
-    curves = write_curves(fs, run_path, metrics, f"{task_name} {stage}: {name}")
+    curves = write_curves(fs, run_path, metrics, f"{task_name} {stage}: {name}", tuple(getattr(task, "headline_metrics", ())))
     # Paths people read keep the scheme they gave (s3://bucket/..., not bucket/...).
     complete = [r for r in scan_checkpoints(fs, run_path, "sizes") if r.valid]
     latest_checkpoint = complete[-1].uri if complete else None

@@ -152,7 +152,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
         _write_json(fs, f"{run_path}/{TRIAL_FILE}", record)
         raise TrialFailed(record["error"]) from None
     metrics = read_metrics(fs, run_path)
-    write_curves(fs, run_path, metrics, f"{plan.task} {name}")
+    write_curves(fs, run_path, metrics, f"{plan.task} {name}", tuple(getattr(task, "headline_metrics", ())))
     columns = set(metrics.columns)
     if plan.metric not in columns:
         known = ", ".join(sorted(c for c in columns if c.startswith(("val_", "train_", "sample_")))) or "none"

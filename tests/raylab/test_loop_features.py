@@ -109,3 +109,24 @@ def test_headline_metrics_reach_the_display(tmp_path, tiny):
     line = status_text(updates[-1])
     assert "loss=" in line and "accuracy=" not in line.replace("val_accuracy", "")
     assert any("avg_loss" in u for u in updates)
+
+
+def test_in_process_runs_compute_with_the_threads_of_one_worker(tmp_path, tiny, monkeypatch):
+    # --workers 0 uses as many threads as a Ray worker with --cpus-per-worker CPUs, then gives them back.
+    from models.tinyimagenet.task import TinyImageNetTask
+
+    seen: set[int] = set()
+    real_loss = TinyImageNetTask.loss
+
+    def loss(self, model, batch):
+        seen.add(torch.get_num_threads())
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(TinyImageNetTask, "loss", loss)
+    before = torch.get_num_threads()
+    train("tinyimagenet", "quick", tiny(max_epochs=1), LaunchConfig(num_workers=0, storage_path=str(tmp_path), name="one", cpus_per_worker=1))
+    assert seen == {1}
+    seen.clear()
+    train("tinyimagenet", "quick", tiny(max_epochs=1), LaunchConfig(num_workers=0, storage_path=str(tmp_path), name="two", cpus_per_worker=2))
+    assert seen == {2}
+    assert torch.get_num_threads() == before
