@@ -60,7 +60,8 @@ class TranslatorConfig(TrainConfig):
     freeze_encoder: bool = Field(False, description="Freeze the whole T5 encoder. Seed 002's bug: a frozen text encoder cannot adapt to pose features (loss 7, accuracy 0%).")
     frozen_decoder_blocks: int = Field(0, ge=0, description="Freeze the first N decoder blocks (seed 002's fix: 4 of mT5-small's 8, with pretrained weights). The LM head and the decoder's final norm always train.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing (0.1-0.2 usual; seed 002: it can hide a model stuck at a uniform prediction, so watch token accuracy too).")
-    optimizer_weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW (seed 002: lr 1e-4 to 2e-4 once the encoder trains), or SGD with momentum 0.9, whose update scales with the gradient (used to check accumulation exactly).")
+    optimizer_weight_decay: float = Field(0.01, ge=0, description="Weight decay of the optimizer.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="Learning-rate schedule after warm-up, over the run's optimizer steps.")
 

@@ -3,7 +3,7 @@ the `inputs_embeds` of a transformers T5/mT5 encoder-decoder, and seed 002's
 freezing policies.
 
     parts (B, T, V, 3) per part --Linear--> ST-GCN blocks --mean over joints--> (B, T, C)
-    concat 4 parts (B, T, 4C) --Linear--> (B, T, d_model) + optional position encoding
+    concat 4 parts (B, T, 4C) --Linear, LayerNorm--> (B, T, d_model) + optional position encoding
     --> T5 encoder (inputs_embeds, frame mask) --> T5 decoder --> LM head
 
 Each ST-GCN block (as in Uni-Sign's `stgcn_block.py`): a 1x1 conv, a learnable
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.translator.keypoints import PART_NAMES, PARTS, skeleton_adjacency
+from models.translator.keypoints import PART_NAMES, skeleton_adjacency
 
 # Groups of parameters the run reports and the freezing policy acts on.
 MODULE_GROUPS = ("frontend", "encoder", "decoder", "decoder_final_norm", "token_embeddings", "lm_head")
@@ -85,6 +85,9 @@ class PoseFrontEnd(nn.Module):
         super().__init__()
         self.parts = nn.ModuleDict({p: PartEncoder(p, channels, blocks, temporal_kernel, norm) for p in PART_NAMES})
         self.project = nn.Linear(channels * len(PART_NAMES), d_model)
+        # Unit-scale features before the position encoding is added: raw projections are ~0.1, and a
+        # sinusoid of amplitude 1 on top would drown the pose content in the encoder's input.
+        self.norm = nn.LayerNorm(d_model)
         self.position_encoding = position_encoding
         self.learned_positions = nn.Embedding(max_length, d_model) if position_encoding == "learned" else None
         if self.learned_positions is not None:
@@ -92,7 +95,7 @@ class PoseFrontEnd(nn.Module):
 
     def forward(self, parts: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         features = torch.cat([self.parts[p](parts[p], mask) for p in PART_NAMES], dim=-1)
-        x = self.project(features)
+        x = self.norm(self.project(features))
         frames = x.shape[1]
         if self.position_encoding == "sinusoidal":
             x = x + sinusoidal_encoding(frames, x.shape[-1]).to(x)
@@ -153,10 +156,14 @@ def build_t5(cfg, vocab_size: int, pad_id: int, eos_id: int) -> nn.Module:
     return model
 
 
-def load_pretrained_t5(directory: Path) -> nn.Module:
-    from transformers import AutoModelForSeq2SeqLM
+def load_pretrained_t5(directory: Path, weights: bool = True) -> nn.Module:
+    """The T5/mT5 saved in `directory`; with weights=False only its architecture (for counting parameters)."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True)
+    if weights:
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(directory), local_files_only=True)
+    else:
+        model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(str(directory), local_files_only=True))
     if model.config.model_type not in ("t5", "mt5"):
         raise ValueError(f"pretrained_dir {directory} holds a {model.config.model_type} model; expected t5 or mt5.")
     return model

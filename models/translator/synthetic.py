@@ -44,6 +44,11 @@ _ZERO_CLIP_P = 0.02
 _OCCLUDED_P = 0.03
 
 
+def vocabulary(language: str) -> tuple[str, ...]:
+    """Every word the synthetic language can use, in the order `words` takes them."""
+    return _WORDS[language]
+
+
 def _base_pose() -> np.ndarray:
     """A frontal upper body in a 512 x 512 frame: (133, 2) pixel coordinates."""
     p = np.zeros((133, 2), dtype=np.float64)
@@ -64,7 +69,7 @@ def _base_pose() -> np.ndarray:
     return p
 
 
-def _word_templates(count: int, seed: int) -> np.ndarray:
+def word_templates(count: int, seed: int) -> np.ndarray:
     """(count, key poses, 17) motion parameters per word: wrist dx, dy, angle x2, curls x10, mouth."""
     rng = np.random.default_rng([seed, 0x5167])
     params = np.empty((count, _KEY_POSES, 17))
@@ -130,7 +135,7 @@ def make_clip(words: list[int], templates: np.ndarray, rng: np.random.Generator)
 def _write(root: Path, words: int, counts: dict[str, int], seed: int, language: str) -> None:
     vocab = _WORDS[language][:words]
     joiner = "" if language == "zh" else " "
-    templates = _word_templates(words, seed)
+    templates = word_templates(words, seed)
     (root / "poses").mkdir(parents=True)
     for split_no, (split, count) in enumerate(counts.items()):
         lines = []

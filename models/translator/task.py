@@ -51,13 +51,16 @@ def load_tokenizer(cfg: TranslatorConfig):
         raise DataError(f"pretrained_dir {cfg.pretrained_dir} has no usable tokenizer ({exc}).") from None
 
 
-def build_translator(cfg: TranslatorConfig, tokenizer) -> Translator:
-    """The network a config describes, freezing policy applied."""
+def build_translator(cfg: TranslatorConfig, tokenizer, weights: bool = True) -> Translator:
+    """The network a config describes, freezing policy applied (weights=False: a pretrained_dir's
+    architecture without reading its weights, e.g. on the meta device)."""
     if cfg.pretrained_dir is not None:
         try:
-            t5 = load_pretrained_t5(cfg.pretrained_dir)
+            t5 = load_pretrained_t5(cfg.pretrained_dir, weights)
         except OSError as exc:
             raise DataError(f"pretrained_dir {cfg.pretrained_dir} holds no loadable model ({exc}).") from None
+        except ValueError as exc:  # not a T5/mT5, or a config transformers cannot read
+            raise DataError(str(exc)) from None
     else:
         vocab = cfg.vocab_size or len(tokenizer)
         if vocab < len(tokenizer):
@@ -76,8 +79,9 @@ def build_translator(cfg: TranslatorConfig, tokenizer) -> Translator:
 
 
 def _meta_counts(cfg: TranslatorConfig) -> dict[str, dict[str, int]]:
+    tokenizer = load_tokenizer(cfg)
     with torch.device("meta"):
-        return parameter_counts(build_translator(cfg, load_tokenizer(cfg)))
+        return parameter_counts(build_translator(cfg, tokenizer, weights=False))
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -107,7 +111,9 @@ class TranslatorTask:
         if root is None:
             root = write_synthetic(synthetic_root(cfg), cfg.synthetic_words, cfg.synthetic_train, cfg.synthetic_val,
                                    cfg.synthetic_seed, cfg.synthetic_language)
-        encode = lambda text: self.tokenizer(text).input_ids  # noqa: E731 - ends with the EOS id
+        def encode(text: str) -> list[int]:
+            return self.tokenizer(text).input_ids  # T5 tokenizers end it with the EOS id
+
         common = dict(encode=encode, max_length=cfg.max_length, max_target_length=cfg.max_target_length,
                       seed=cfg.seed, threshold=cfg.confidence_threshold)
         train_data = TranslationDataset(read_split(root, cfg.train_split), split=cfg.train_split, train=True, **common)
@@ -119,8 +125,11 @@ class TranslatorTask:
         if ctx.is_main:
             for notice in notices:
                 print(f"translator: {notice}", file=sys.stderr, flush=True)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                      weight_decay=cfg.optimizer_weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=0.9, weight_decay=cfg.optimizer_weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.optimizer_weight_decay)
 
         def make_scheduler(opt: torch.optim.Optimizer, total_steps: int):
             return torch.optim.lr_scheduler.LambdaLR(
@@ -152,8 +161,10 @@ class TranslatorTask:
     def evaluate(self, model: torch.nn.Module, ctx: TaskContext) -> dict[str, float]:
         """Loss and token accuracy (teacher forcing) and generated-translation BLEU/ROUGE over the whole val split."""
         shard = Subset(self.val_data, range(ctx.world_rank, len(self.val_data), ctx.world_size))
+        # A private generator: iterating a DataLoader draws a seed from torch's global RNG otherwise,
+        # and a run that evaluates before a checkpoint (a max_steps stop) would resume on other dropout masks.
         loader = DataLoader(shard, batch_size=self.cfg.eval_batch_size, collate_fn=collate,
-                            num_workers=self.cfg.data_loader_workers)
+                            num_workers=self.cfg.data_loader_workers, generator=torch.Generator())
         sums = {"loss": 0.0, "sentences": 0.0, "correct": 0.0, "tokens": 0.0}
         mine: list[tuple[str, str]] = []
         for batch in loader:
@@ -177,6 +188,7 @@ class TranslatorTask:
             "token_accuracy": total["correct"] / max(total["tokens"], 1.0),
             "bleu": scores.bleu,
             "rouge_l": scores.rouge_l,
+            "sentences": float(len(ids)),  # translations scored: the whole split, gathered from every worker
         }
 
     def sample(self, model: torch.nn.Module, n: int, ctx: TaskContext, options: SampleOptions | None = None) -> list[dict[str, Any]]:

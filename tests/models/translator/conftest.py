@@ -24,7 +24,8 @@ def tiny_translator(tiny_signs):
             "data_dir": str(tiny_signs), "d_model": 32, "d_kv": 8, "d_ff": 64, "encoder_layers": 2, "decoder_layers": 2,
             "num_heads": 4, "feed_forward": "relu", "gcn_channels": 8, "gcn_blocks": 1, "max_length": 32,
             "max_target_length": 48, "num_beams": 1, "eval_batch_size": 16, "per_worker_batch_size": 8, "max_epochs": 1,
-            "num_samples": 0, "dropout": 0.0, "lr": 3e-3, "warmup_steps": 0, "log_every_steps": 4, **extra,
+            "num_samples": 0, "dropout": 0.0, "lr": 3e-3, "warmup_steps": 0, "lr_schedule": "constant",
+            "log_every_steps": 4, **extra,
         }
 
     return make

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +15,11 @@ from models.translator.keypoints import (
     PARTS, KeypointError, clip_length, crop_scale, normalise_parts, read_clip, read_openpose, read_pkl, skeleton_adjacency,
 )
 from models.translator.model import PoseFrontEnd
-from models.translator.synthetic import make_clip, _word_templates
+from models.translator.synthetic import make_clip, word_templates
 
 
 def random_clip(frames: int = 12, seed: int = 0) -> np.ndarray:
-    return make_clip([0, 1, 2, 3], _word_templates(4, seed), np.random.default_rng(seed))[:frames]
+    return make_clip([0, 1, 2, 3], word_templates(4, seed), np.random.default_rng(seed))[:frames]
 
 
 # ---------------------------------------------------------------- crop_scale
