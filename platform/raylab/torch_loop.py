@@ -139,9 +139,14 @@ class TorchStepper:
     def batches(self, epoch: int, plan: list[list[int]]) -> Iterable[Any]:
         if hasattr(self.parts.train_data, "set_epoch"):
             self.parts.train_data.set_epoch(epoch)
+        # A DataLoader draws its workers' base seed when iterated; from torch's global RNG that
+        # draw would shift every dropout mask after a mid-epoch resume (which creates the
+        # epoch's loader at another point of the stream). Its own generator, a function of
+        # (seed, epoch, rank), keeps the training streams untouched.
+        generator = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, epoch, self.ctx.world_rank]).integers(2**62)))
         loader = DataLoader(
             self.parts.train_data, batch_sampler=plan, num_workers=self.cfg.data_loader_workers,
-            collate_fn=self.parts.collate_fn, pin_memory=self.device.startswith("cuda"),
+            collate_fn=self.parts.collate_fn, pin_memory=self.device.startswith("cuda"), generator=generator,
         )
         for batch in loader:
             yield _to_device(batch, self.device)
@@ -170,6 +175,10 @@ class TorchStepper:
     # -- evaluation and sampling: eval mode, no grad, EMA weights when on -----------------
     @contextlib.contextmanager
     def _inference(self):
+        # Evaluation and sampling may draw random numbers (noise, dropout-free sampling paths,
+        # subsets); they must not move the training streams, or changing the evaluation
+        # cadence, or sampling on rank 0 only, would change the trained weights.
+        streams = capture_rng()
         self.model.eval()
         swap = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
         try:
@@ -177,6 +186,7 @@ class TorchStepper:
                 yield
         finally:
             self.train_model.train()
+            restore_rng(streams)
 
     def evaluate(self) -> dict[str, float]:
         with self._inference():

@@ -130,3 +130,28 @@ def test_in_process_runs_compute_with_the_threads_of_one_worker(tmp_path, tiny, 
     train("tinyimagenet", "quick", tiny(max_epochs=1), LaunchConfig(num_workers=0, storage_path=str(tmp_path), name="two", cpus_per_worker=2))
     assert seen == {2}
     assert torch.get_num_threads() == before
+
+
+def test_evaluation_and_sampling_never_move_the_training_random_streams(tmp_path, tiny, monkeypatch):
+    # Training draws from torch's global RNG (dropout on the logits); evaluation and sampling
+    # draw too. Evaluating every 2 steps instead of once an epoch must not change the weights.
+    from models.tinyimagenet.task import TinyImageNetTask
+
+    real_loss, real_evaluate = TinyImageNetTask.loss, TinyImageNetTask.evaluate
+
+    def loss(self, model, batch):
+        images, labels = batch
+        logits = torch.nn.functional.dropout(model(images), p=0.3, training=True)
+        return torch.nn.functional.cross_entropy(logits, labels), {}
+
+    def evaluate(self, model, ctx):
+        torch.rand(1000)  # an evaluation that uses randomness (noise, a random subset...)
+        return real_evaluate(self, model, ctx)
+
+    monkeypatch.setattr(TinyImageNetTask, "loss", loss)
+    monkeypatch.setattr(TinyImageNetTask, "evaluate", evaluate)
+    once = run_local(tmp_path, "once", tiny(seed=9, max_epochs=1))
+    often = run_local(tmp_path, "often", tiny(seed=9, max_epochs=1, eval_every_steps=2, num_samples=3))
+    a, b = tensors(once.latest_checkpoint, "model.safetensors"), tensors(often.latest_checkpoint, "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
