@@ -23,6 +23,7 @@ from models.gman.model import build_model, parameter_count
 from models.gman.recipe import make_optimizer, masked_abs_error_sums, should_stop
 from models.gman.synthetic import write_synthetic
 from raylab.cache import cache_dir
+from raylab.config import ConfigError
 from raylab.task import SampleOptions, SampleOutput, TaskContext, TfParts
 
 BASELINE_HORIZON = 12
@@ -58,6 +59,12 @@ class GmanTask:
     headline_metrics = ("loss", "mae", "mae_h12", "last_value_mae_h12", "historical_average_mae_h12")
 
     def build(self, cfg: GmanConfig, ctx: TaskContext) -> TfParts:
+        if cfg.xla and cfg.sync_batchnorm and ctx.world_size > 1:
+            # XLA cannot compile BatchNorm's all-reduce inside the step (TensorFlow: merge_call in a nested function).
+            raise ConfigError(
+                f"xla=true cannot compile a step whose BatchNorm synchronises {ctx.world_size} workers; "
+                "set xla=false, or sync_batchnorm=false (each worker then normalises with its own batch statistics)."
+            )
         h5, se = data_files(cfg)
         self.cfg = cfg
         self.data = load_traffic(h5, se, P=cfg.P, Q=cfg.Q, se_dims=cfg.se_dims, train_ratio=cfg.train_ratio,

@@ -69,10 +69,13 @@ def configure_tensorflow() -> dict[str, Any]:
 
 
 def make_strategy():
-    """MWMS when Ray's TensorflowTrainer described a cluster in TF_CONFIG, else the default strategy."""
+    """MWMS when Ray's TensorflowTrainer described a cluster of several workers in TF_CONFIG, else
+    the default strategy: one worker needs no collectives, and XLA can then compile the whole
+    forward/backward pass (under MWMS it cannot compile a model that synchronises inside)."""
     import tensorflow as tf
 
-    if os.environ.get("TF_CONFIG"):
+    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    if len(cluster.get("worker", [])) > 1:
         options = tf.distribute.experimental.CommunicationOptions(implementation=tf.distribute.experimental.CommunicationImplementation.RING)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     return tf.distribute.get_strategy()
