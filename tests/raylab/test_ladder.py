@@ -170,3 +170,18 @@ def test_killed_driver_continues_without_repeating_the_finished_stage(tmp_path, 
     state = json.loads((folder / "ladder.json").read_text())
     assert state["status"] == "finished" and state["stages"]["medium"]["status"] == "done"
     assert not list(folder.glob("medium-*"))  # no new attempt: the settings did not change
+
+
+@pytest.mark.parametrize(
+    ("losses", "advice"),
+    [
+        ([2.0, 2.0, 1.99, 2.01], "the loss is flat: raise lr or shrink the model"),
+        ([2.0, 1.2, 3.5, 2.8], "the loss rises or oscillates: lower lr or raise the batch size"),
+        ([2.0, 1.6, 1.3, 1.1], "the loss is still falling: train longer"),
+        ([2.0, 1.0, float("inf")], "the loss rises or oscillates"),
+    ],
+)
+def test_gate_advice_reads_the_loss_curve(losses, advice):
+    from raylab.ladder import diagnose
+
+    assert diagnose(pd.DataFrame({"train_loss": losses})).startswith(advice)

@@ -161,10 +161,10 @@ def test_optuna_sweep_with_a_batch_dimension_scales_lr_linearly(tmp_path, tiny_d
     storage = tmp_path / "runs"
     result = runner.invoke(app, sweep_args(experiment, storage, "--space", "lr=loguniform(1e-4,1e-2)",
                                            "--space", "per_worker_batch_size=choice(4,8)", "--lr-scaling", "linear",
-                                           "--search", "optuna", "--scheduler", "fifo", "--samples", "3", "--name", "opt"))
+                                           "--search", "optuna", "--scheduler", "fifo", "--samples", "2", "--name", "opt"))
     assert result.exit_code == 0, result.output
     record = json.loads((storage / "opt" / "sweep.json").read_text())
-    assert record["fingerprint"]["search"]["search"] == "optuna" and len(record["trials"]) == 3
+    assert record["fingerprint"]["search"]["search"] == "optuna" and len(record["trials"]) == 2
     lrs = set()
     for name, trial in record["trials"].items():
         assert trial["status"] == "TERMINATED" and not trial["stopped_early"]
@@ -175,5 +175,22 @@ def test_optuna_sweep_with_a_batch_dimension_scales_lr_linearly(tmp_path, tiny_d
         assert config["lr"] == pytest.approx(params["lr"] * params["per_worker_batch_size"] / 8)
         assert config["per_worker_batch_size"] == params["per_worker_batch_size"]
         lrs.add(params["lr"])
-    assert len(lrs) == 3
+    assert len(lrs) == 2
     assert "lr scaling linear (relative to global batch 8)" in " ".join(result.output.split())
+
+
+def test_same_name_with_other_settings_is_refused(tmp_path, tiny_data):
+    import pyarrow.fs as pafs
+
+    from raylab.config import LaunchConfig
+    from raylab.sweep import SweepRecord, plan_sweep
+
+    experiment = write_experiment(tmp_path, tiny_data)
+    launch = LaunchConfig(storage_path=str(tmp_path / "runs"), name="same")
+    first = plan_sweep("tinyimagenet", "quick", {"samples": 2}, launch, experiment=experiment, space_options=["lr=loguniform(1e-4,1e-2)"])
+    SweepRecord(pafs.LocalFileSystem(), str(tmp_path / "runs" / "same"), first).open()
+    again = plan_sweep("tinyimagenet", "quick", {"samples": 2}, launch, experiment=experiment, space_options=["lr=loguniform(1e-4,1e-2)"])
+    SweepRecord(pafs.LocalFileSystem(), str(tmp_path / "runs" / "same"), again).open()  # the same sweep: continues
+    other = plan_sweep("tinyimagenet", "quick", {"samples": 2}, launch, experiment=experiment, space_options=["lr=loguniform(1e-3,1e-2)"])
+    with pytest.raises(ConfigError, match=r"was started with other settings \(space .*1e-3|0\.001.*choose a new --name"):
+        SweepRecord(pafs.LocalFileSystem(), str(tmp_path / "runs" / "same"), other).open()
