@@ -56,8 +56,20 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank
     return [mine[i * batch_size:(i + 1) * batch_size].tolist() for i in range(num_batches)]
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> str:
-    """'field old -> new' for every field that differs, '' when none does."""
+def config_defaults(config_cls: type[TrainConfig]) -> dict[str, Any]:
+    """Every field's default, as JSON data (what a checkpoint written before the field existed meant)."""
+    out = {}
+    for name, info in config_cls.model_fields.items():
+        if not info.is_required():
+            default = info.get_default(call_default_factory=True)
+            out[name] = default.model_dump(mode="json") if hasattr(default, "model_dump") else default
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None) -> str:
+    """'field old -> new' for every field that differs, '' when none does. A field the saved
+    config lacks (added to raylab since) counts as its default there."""
+    saved = {**(defaults or {}), **saved}
     keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     return ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in keys)
 
@@ -172,7 +184,7 @@ def resume(stepper: Stepper, cfg: TrainConfig, session: Session) -> Resumed:
                 f"batch {out.pos.batch_in_epoch} (same samples seen, approximately the same ones); bit-exact resume needs "
                 f"{saved_world} workers"
             )
-        changed = config_changes(state.get("config", {}), cfg.model_dump(mode="json"))
+        changed = config_changes(state.get("config", {}), cfg.model_dump(mode="json"), config_defaults(type(cfg)))
         if changed:
             out.notices.append(f"resuming {out.checkpoint} with changed config: {changed}")
         return out

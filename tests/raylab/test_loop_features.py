@@ -155,3 +155,14 @@ def test_evaluation_and_sampling_never_move_the_training_random_streams(tmp_path
     a, b = tensors(once.latest_checkpoint, "model.safetensors"), tensors(often.latest_checkpoint, "model.safetensors")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_fields_added_since_a_checkpoint_count_as_their_defaults_on_resume():
+    from models.tinyimagenet.config import TinyImageNetConfig
+    from raylab.loop_core import config_changes, config_defaults
+
+    current = TinyImageNetConfig().model_dump(mode="json")
+    old_checkpoint = {k: v for k, v in current.items() if k not in ("ema_decay", "keep_best_checkpoints", "health")}
+    assert config_changes(old_checkpoint, current, config_defaults(TinyImageNetConfig)) == ""
+    assert config_changes(old_checkpoint, {**current, "ema_decay": 0.9}, config_defaults(TinyImageNetConfig)) == "ema_decay None -> 0.9"
+    assert config_changes({**old_checkpoint, "lr": 1.0}, current, config_defaults(TinyImageNetConfig)) == f"lr 1.0 -> {current['lr']!r}"
