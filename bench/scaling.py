@@ -34,7 +34,7 @@ DATA = {
 }
 CLASSES = {("tinyimagenet", "quick"): 10, ("tinyimagenet", "medium"): 50, ("tinyimagenet", "full"): 200,
            ("dit", "quick"): 10, ("dit", "medium"): 10, ("dit", "full"): 10}
-FULL = dict(models=("tinyimagenet", "dit"), stages=STAGES, steps=8, warmup=2, full_steps=4, full_warmup=1, threads=1)
+FULL = dict(models=("tinyimagenet", "dit"), stages=STAGES, steps=8, warmup=2, full_steps=3, full_warmup=1, threads=1)
 SMOKE = dict(models=("tinyimagenet",), stages=("quick",), steps=4, warmup=1, full_steps=4, full_warmup=1, threads=1)
 
 

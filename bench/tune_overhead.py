@@ -9,9 +9,10 @@ CPUs fit (`concurrency`). Figures, each from this one run:
 
 - sweep wall: `run_sweep` start to end by the process's clock; also without
   the embedded Ray's start (a fixed cost, paid once per sweep);
-- a trial's time: its Tune trial function (`ImplicitFunc.train`) in Ray's task
-  timeline, which holds Ray Train's start-up for the trial, the training and
-  the teardown; and its training alone: the first stamp of the trial's worker
+- a trial's time: its Tune trial actor in Ray's task timeline, from its
+  `__init__` to the end of its last `train` call (Tune calls a function
+  trainable's `train` once per reported result), which holds Ray Train's
+  start-up for the trial, the training and the teardown; and its training alone: the first stamp of the trial's worker
   (task build) to its last (the final evaluation), from `bench.stamps`;
 - Tune overhead = sweep wall (after Ray start) x concurrency / sum of trial
   times - 1: what Tune's scheduling, trial actors and bookkeeping add (the
@@ -67,7 +68,14 @@ def sweep_child(params_path: str, out_path: str) -> None:
 
 def trial_times(stamps: list[dict[str, Any]], timeline: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
     """(each trial function's span in Ray's timeline, each trial worker's build-to-last-stamp span)."""
-    spans = [e.get("dur", 0) / 1e6 for e in timeline if e.get("ph") == "X" and str(e.get("cat", "")).endswith("ImplicitFunc.train")]
+    # Tune calls a function trainable's `train` once per reported result: a trial is its actor's
+    # span from `__init__` to the end of its last `train` call.
+    actors: dict[str, list[float]] = defaultdict(list)
+    for e in timeline:
+        cat = str(e.get("cat", ""))
+        if e.get("ph") == "X" and cat in ("task::ImplicitFunc.__init__", "task::ImplicitFunc.train"):
+            actors[e["tid"]] += [e["ts"] / 1e6, (e["ts"] + e.get("dur", 0)) / 1e6]
+    spans = [max(v) - min(v) for v in actors.values()]
     by_pid: dict[int, list[float]] = defaultdict(list)
     for s in stamps:
         if s.get("rank") == 0:
