@@ -149,7 +149,7 @@ class Doctor:
         self.windows: list[WindowStats] = []
 
     def add(self, check: str, result: str, evidence: str, advice: str = "") -> None:
-        self.report.verdicts.append(Verdict(check, result, evidence, advice or DOCTOR_ONLY.get(check, "")))
+        self.report.verdicts.append(Verdict(check, result, evidence, advice or DOCTOR_ONLY.get(check.split(" ")[0], "")))
 
     def keep(self, findings: list[Finding]) -> None:
         self.found += [f for f in findings if all(f.check != g.check for g in self.found)]

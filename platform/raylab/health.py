@@ -5,9 +5,9 @@ disagree. These checks catch the rest of the seeds' failures (a batch with NaN
 keypoints, labels past num_classes, eval mode left on, a frozen or detached
 block, an optimizer built for another model, accuracy pinned at chance, a loss
 that is flat, diverging or oscillating, a learning rate decayed to its floor
-while the loss still falls). Each is a small named check in `CHECKS` with a
-policy in the config's `health` section (`raylab.health_config`: warn | stop |
-off) and a piece of advice.
+while the loss still falls). Each is a small named check, listed with its
+advice in `raylab.health_config.CHECKS`, with a policy in the config's `health`
+section (warn | stop | off).
 
 `HealthMonitor` is what the framework-neutral core (`raylab.loop_core`) calls,
 at a few named points: `start`, `before_micro_batch`, `after_micro_batch`,
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 import pyarrow.fs as pafs
 
-from raylab.health_config import HealthConfig
+from raylab.health_config import CHECKS, Check, HealthConfig
 from raylab.health_trends import WindowStats, trend_findings
 from raylab.loop_reporting import TrainingHealthError
 from raylab.run_storage import write_file
@@ -47,55 +47,6 @@ if TYPE_CHECKING:
 
 HEALTH_FILE = "health.json"
 IGNORE_LABEL = -100  # PyTorch's cross-entropy ignore_index: padding, not a class
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    what: str  # what an "ok" means, for the doctor's table
-    advice: str
-    needs: tuple[str, ...] = ()  # "classes", "labels" (task declarations), "model" (a framework probe), "trend" (a window past warm-up)
-    rank_local: bool = False  # its inputs differ per worker: a stop needs a collective verdict
-
-
-CHECKS: dict[str, Check] = {c.name: c for c in (
-    Check("nonfinite_grads", "gradients finite at every step",
-          "lower lr or set grad_clip_norm; look for log, sqrt or a division of a value that can reach 0 in that layer", ("model",)),
-    Check("nonfinite_batch", "no NaN/inf in any training batch",
-          "fix those files or the normalisation that produced NaN (seed 002: crop_scale divides by a range that is 0 when all "
-          "keypoints are 0)", (), True),
-    Check("labels", "every label in [0, num_classes)",
-          "fix the labels, or build the model and num_classes for the dataset's real class count", ("classes", "labels"), True),
-    Check("num_classes", "the model's output width equals num_classes",
-          "build the model's output for the dataset's class count (seed 003: num_classes 10 on 200 classes)", ("classes", "model")),
-    Check("train_mode", "training mode in train steps, eval mode in evaluation and sampling",
-          "let the loop switch modes: do not call model.eval()/model.train() in loss, evaluate or sample", ("model",)),
-    Check("no_grad", "every trainable parameter gets a gradient",
-          "remove torch.no_grad()/detach() on that path, or set requires_grad=False on purpose (and leave it out of the optimizer)",
-          ("model",)),
-    Check("frozen_changed", "frozen parameters unchanged",
-          "something writes to frozen weights (weight decay on a frozen tensor, an in-place update); freeze them in the optimizer "
-          "too", ("model",)),
-    Check("optimizer_foreign", "the optimizer holds this model's parameters",
-          "create the optimizer in build() from this model's parameters, fresh for every model (seed 003)", ("model",)),
-    Check("optimizer_missing", "every trainable parameter is in an optimizer group",
-          "pass every trainable parameter to the optimizer, or set requires_grad=False on those you mean to freeze", ("model",)),
-    Check("input_dependence", "the output depends on the input",
-          "use an initialisation or normalisation that carries the signal (He init, batch norm, residual connections) or a "
-          "shallower model (seed 003)", ("model", "trend")),
-    Check("chance_accuracy", "training accuracy above chance",
-          "check labels match inputs, the model's init (input_dependence) and the lr; seed 003's plain deep CNN sat at 0.5% on "
-          "200 classes", ("classes", "trend")),
-    Check("chance_loss", "training loss away from ln(num_classes)",
-          "the model predicts a uniform distribution: check the init, that the loss sees the model's output, and raise lr",
-          ("classes", "trend")),
-    Check("loss_flat", "training loss not pinned", "raise lr or shrink the model (seed 001's reading of a flat curve)", ("trend",)),
-    Check("loss_diverging", "training loss not rising", "lower lr, or add warm-up / grad_clip_norm", ("trend",)),
-    Check("loss_oscillating", "training loss not swinging without progress",
-          "lower lr or raise the batch size (seed 001's reading of an oscillating curve)", ("trend",)),
-    Check("lr_floor", "lr not stuck at a floor while the loss falls",
-          "decay later or slower (seed 001: decay_epoch too small), or lower the floor; the loss was still improving", ("trend",)),
-)}
 
 
 @dataclass
@@ -194,6 +145,9 @@ class ArrayProbe:
     def window_end(self, cfg: HealthConfig) -> list[tuple[str, str]]:
         return []
 
+    def close(self) -> None:
+        pass
+
 
 class HealthLog:
     """Where findings go on rank 0: a notice on the display, the next metrics row, health.json."""
@@ -280,7 +234,7 @@ class HealthMonitor:
         return self.log.findings
 
     # -- the policy ------------------------------------------------------------------
-    def emit(self, check: str, message: str) -> None:
+    def emit(self, check: str, message: str, this_rank_only: bool = False) -> None:
         policy = self.cfg.policy(check)
         if policy == "off":
             return
@@ -292,14 +246,14 @@ class HealthMonitor:
             if CHECKS[check].rank_local and not self.ctx.is_main:
                 self.relay.append(finding)
         if policy == "stop":
-            if CHECKS[check].rank_local and self.ctx.world_size > 1:
+            if (CHECKS[check].rank_local or this_rank_only) and self.ctx.world_size > 1:
                 self.pending_stop = self.pending_stop or finding
             else:
                 raise HealthCheckFailed(finding)
 
-    def _emit_all(self, found: list[tuple[str, str]]) -> None:
+    def _emit_all(self, found: list[tuple[str, str]], this_rank_only: bool = False) -> None:
         for check, message in found:
-            self.emit(check, message)
+            self.emit(check, message, this_rank_only)
 
     def _collective_stop(self) -> None:
         """Every worker raises together when any worker found a rank-local problem set to stop."""
@@ -354,7 +308,8 @@ class HealthMonitor:
     def after_inference(self, what: str, pos: "Position") -> None:
         """After evaluation or sampling: it ran in eval mode and left the model in training mode."""
         self.pos = pos
-        self._emit_all(self.probe.after_inference(self.cfg, what))
+        # Sampling runs on rank 0 alone: its stop waits for the next window's collective verdict.
+        self._emit_all(self.probe.after_inference(self.cfg, what), this_rank_only=what == "sampling")
 
     def take_row_text(self) -> str:
         return self.log.row_text()

@@ -10,16 +10,67 @@ Each check is a small named piece of `raylab.health` (framework-neutral) or
 `raylab.torch_health` (PyTorch tensors); the policy says what a finding does:
 `warn` notes it (display, metrics.parquet's `health` column, health.json),
 `stop` ends the run with it as the error, `off` skips the check. This module
-only holds the settings, so `raylab.config` can import it without the checks.
+holds the settings and the registry of checks (name, what "ok" means, advice),
+so `raylab.config` can import it without the checks' code.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Policy = Literal["warn", "stop", "off"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    what: str  # what an "ok" means, for the doctor's table
+    advice: str
+    needs: tuple[str, ...] = ()  # "classes", "labels" (task declarations), "model" (a framework probe), "trend" (a window past warm-up)
+    rank_local: bool = False  # its inputs differ per worker: a stop needs a collective verdict
+
+
+CHECKS: dict[str, Check] = {c.name: c for c in (
+    Check("nonfinite_grads", "gradients finite at every step",
+          "lower lr or set grad_clip_norm; look for log, sqrt or a division of a value that can reach 0 in that layer", ("model",)),
+    Check("nonfinite_batch", "no NaN/inf in any training batch",
+          "fix those files or the normalisation that produced NaN (seed 002: crop_scale divides by a range that is 0 when all "
+          "keypoints are 0)", (), True),
+    Check("labels", "every label in [0, num_classes)",
+          "fix the labels, or build the model and num_classes for the dataset's real class count", ("classes", "labels"), True),
+    Check("num_classes", "the model's output width equals num_classes",
+          "build the model's output for the dataset's class count (seed 003: num_classes 10 on 200 classes)", ("classes", "model")),
+    Check("train_mode", "training mode in train steps, eval mode in evaluation and sampling",
+          "let the loop switch modes: do not call model.eval()/model.train() in loss, evaluate or sample", ("model",)),
+    Check("no_grad", "every trainable parameter gets a gradient",
+          "remove torch.no_grad()/detach() on that path, or set requires_grad=False on purpose (and leave it out of the optimizer)",
+          ("model",)),
+    Check("frozen_changed", "frozen parameters unchanged",
+          "something writes to frozen weights (weight decay on a frozen tensor, an in-place update); freeze them in the optimizer "
+          "too", ("model",)),
+    Check("optimizer_foreign", "the optimizer holds this model's parameters",
+          "create the optimizer in build() from this model's parameters, fresh for every model (seed 003)", ("model",)),
+    Check("optimizer_missing", "every trainable parameter is in an optimizer group",
+          "pass every trainable parameter to the optimizer, or set requires_grad=False on those you mean to freeze", ("model",)),
+    Check("input_dependence", "the output depends on the input",
+          "use an initialisation or normalisation that carries the signal (He init, batch norm, residual connections) or a "
+          "shallower model (seed 003)", ("model", "trend")),
+    Check("chance_accuracy", "training accuracy above chance",
+          "check labels match inputs, the model's init (input_dependence) and the lr; seed 003's plain deep CNN sat at 0.5% on "
+          "200 classes", ("classes", "trend")),
+    Check("chance_loss", "training loss away from ln(num_classes)",
+          "the model predicts a uniform distribution: check the init, that the loss sees the model's output, and raise lr",
+          ("classes", "trend")),
+    Check("loss_flat", "training loss not pinned", "raise lr or shrink the model (seed 001's reading of a flat curve)", ("trend",)),
+    Check("loss_diverging", "training loss not rising", "lower lr, or add warm-up / grad_clip_norm", ("trend",)),
+    Check("loss_oscillating", "training loss not swinging without progress",
+          "lower lr or raise the batch size (seed 001's reading of an oscillating curve)", ("trend",)),
+    Check("lr_floor", "lr not stuck at a floor while the loss falls",
+          "decay later or slower (seed 001: decay_epoch too small), or lower the floor; the loss was still improving", ("trend",)),
+)}
 
 
 class HealthConfig(BaseModel):

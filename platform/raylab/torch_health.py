@@ -171,7 +171,8 @@ class TorchProbe(ArrayProbe):
         if not named:
             return []
         norms = torch._foreach_norm([g for _, g in named])  # one fused pass over every gradient
-        if bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all()):
+        device = norms[0].device
+        if bool(torch.isfinite(torch.stack([n.float().to(device) for n in norms])).all()):  # one sync with the device
             return []
         bad = [n for (n, _), norm in zip(named, norms) if not bool(torch.isfinite(norm))]
         return [("nonfinite_grads", f"non-finite gradient at step {step} in {bad[0]}"
