@@ -111,6 +111,7 @@ class TranslatorTask:
         if root is None:
             root = write_synthetic(synthetic_root(cfg), cfg.synthetic_words, cfg.synthetic_train, cfg.synthetic_val,
                                    cfg.synthetic_seed, cfg.synthetic_language)
+
         def encode(text: str) -> list[int]:
             return self.tokenizer(text).input_ids  # T5 tokenizers end it with the EOS id
 

@@ -161,3 +161,16 @@ def test_pretrained_dir_loads_a_saved_model_and_its_tokenizer(tmp_path, tiny_tra
     assert parts.metadata["parameters"]["decoder"]["trainable"] == 0
     with pytest.raises(ValueError, match="pretrained_dir .* (is not a directory|no usable)"):
         TranslatorTask().build(config(tiny_translator, pretrained_dir=str(tmp_path / "missing")), TaskContext())
+
+
+def test_mt5_gated_gelu_model_trains_and_translates(tiny_translator):
+    cfg = config(tiny_translator, t5_class="mt5", feed_forward="gated-gelu", vocab_size=512, num_beams=2)
+    model = build_translator(cfg, ByT5Tokenizer())
+    assert type(model.t5).__name__ == "MT5ForConditionalGeneration" and model.t5.config.vocab_size == 512
+    batch = one_batch(cfg, 2)
+    loss, _ = sentence_loss(model(batch["parts"], batch["mask"], batch["labels"]), batch["labels"], 0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and model.frontend.project.weight.grad is not None
+    model.eval()
+    ids = model.translate(batch["parts"], batch["mask"], num_beams=2, max_new_tokens=5)
+    assert ids.shape[0] == 2 and ids.shape[1] <= 6
