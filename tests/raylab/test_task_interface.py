@@ -8,13 +8,15 @@ import pytest
 
 from raylab.config import STAGES, TrainConfig, read_experiment, stage_values, validate_config
 from raylab.launch import find_experiment
-from raylab.task import TASKS, TaskContext, TorchTask, get_task
+from raylab.task import TASKS, TaskContext, TfTask, TorchTask, framework_of, get_task
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_task_implements_the_interface(name):
     task = get_task(name)
-    assert isinstance(task, TorchTask)
+    assert framework_of(task) in ("torch", "tensorflow")
+    assert isinstance(task, TfTask if framework_of(task) == "tensorflow" else TorchTask)
+    assert tuple(task.headline_metrics) and all(isinstance(m, str) for m in task.headline_metrics)
     assert issubclass(task.config_cls, TrainConfig)
     undocumented = [f for f, info in task.config_cls.model_fields.items() if not info.description]
     assert not undocumented, f"{name}: fields without a description: {undocumented}"
