@@ -132,7 +132,6 @@ class TfParts:
 
 
 @runtime_checkable
-@runtime_checkable
 class TfTask(Protocol):
     """A TensorFlow task. Like TorchTask, but `loss` returns the micro-batch's loss as a sum
     and its weight (e.g. the number of valid labels): the loop divides by the weight summed
