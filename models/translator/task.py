@@ -12,7 +12,6 @@ before scoring) and reports BLEU-4, ROUGE-L, val loss and token accuracy.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import torch
@@ -123,9 +122,6 @@ class TranslatorTask:
         counts = parameter_counts(model)
         notices = [f"parameters trainable/total: {format_counts(counts)}",
                    f"truncation: {train_data.truncation.notice()}; {self.val_data.truncation.notice()}"]
-        if ctx.is_main:
-            for notice in notices:
-                print(f"translator: {notice}", file=sys.stderr, flush=True)
         trainable = [p for p in model.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
             optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=0.9, weight_decay=cfg.optimizer_weight_decay)

@@ -250,7 +250,9 @@ class TrainingRun:
         return bool(getattr(self.stepper, "should_stop", lambda: False)())
 
     def run(self) -> dict[str, Any]:
-        notices = list(self.start.notices)
+        # The task's own notes about this run (TorchParts.metadata['notices']: trainable parameters,
+        # truncated clips...), then where the run starts from.
+        notices = [*self.checkpointer.metadata.get("notices", []), *self.start.notices]
         if self.finished() and self.start.checkpoint:
             notices.append(f"run already complete at step {self.pos.global_step} ({self.start.checkpoint}); "
                            "nothing to train. Raise max_epochs to continue it")

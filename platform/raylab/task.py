@@ -93,6 +93,7 @@ class TorchParts:
     collate_fn: Callable[[list[Any]], Any] | None = None
     # JSON-able facts stored in every checkpoint's state.json under "task_metadata"
     # (e.g. class names, tokenizer kind) so a checkpoint can be used without the data.
+    # metadata["notices"], a list of sentences, is shown as notes when the run starts.
     metadata: dict[str, Any] = field(default_factory=dict)
 
 

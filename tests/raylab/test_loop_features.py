@@ -166,3 +166,21 @@ def test_fields_added_since_a_checkpoint_count_as_their_defaults_on_resume():
     assert config_changes(old_checkpoint, current, config_defaults(TinyImageNetConfig)) == ""
     assert config_changes(old_checkpoint, {**current, "ema_decay": 0.9}, config_defaults(TinyImageNetConfig)) == "ema_decay None -> 0.9"
     assert config_changes({**old_checkpoint, "lr": 1.0}, current, config_defaults(TinyImageNetConfig)) == f"lr 1.0 -> {current['lr']!r}"
+
+
+def test_task_notices_are_shown_when_the_run_starts(tmp_path, tiny, monkeypatch):
+    from models.tinyimagenet.task import TinyImageNetTask
+
+    real_build = TinyImageNetTask.build
+
+    def build(self, cfg, ctx):
+        parts = real_build(self, cfg, ctx)
+        parts.metadata["notices"] = ["3 of 96 clips were truncated"]
+        return parts
+
+    monkeypatch.setattr(TinyImageNetTask, "build", build)
+    task = get_task("tinyimagenet")
+    updates: list[dict] = []
+    train_torch(task, task.config_cls.model_validate(tiny(max_epochs=1)), LocalSession(tmp_path / "run", keep_checkpoints=1, on_progress=updates.append))
+    notices = [u["notice"] for u in updates if "notice" in u]
+    assert notices == ["3 of 96 clips were truncated"]
