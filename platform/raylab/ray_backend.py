@@ -112,9 +112,18 @@ def ensure_ray(launch: LaunchConfig, tune: bool = False) -> bool:
         # Train's placement-group cleaner (what frees a stopped trial's workers) finds the
         # dashboard through the state API, which gives up when several Ray instances run on
         # one machine ("Found multiple active Ray instances"): name ours to every process.
+        # Set only while Ray's processes start (they inherit it), so this process's own
+        # notion of a job API (e.g. `raylab submit`'s default) is left alone.
         port = _free_port()
+        before = os.environ.get("RAY_API_SERVER_ADDRESS")
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(address="local", dashboard_port=port, **_TUNE_EMBEDDED, **common)
+        try:
+            ray.init(address="local", dashboard_port=port, **_TUNE_EMBEDDED, **common)
+        finally:
+            if before is None:
+                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+            else:
+                os.environ["RAY_API_SERVER_ADDRESS"] = before
         return True
     ray.init(address="local", include_dashboard=False, **common)
     return True

@@ -342,4 +342,8 @@ def run_trials(sweep_uri: str, plan: TrialPlan, dims: list[Dimension], settings:
             latest[name] = TrialRow(name=name, status="ERROR" if result.error else "TERMINATED", params=dict(result.config or {}),
                                     step=metrics.get("step"), value=metrics.get(settings.metric), best=None,
                                     error=str(result.error).strip().splitlines()[-1] if result.error else None)
-    return sorted(latest.values(), key=lambda r: r.name)
+    rows = sorted(latest.values(), key=lambda r: r.name)
+    if any(r.status not in ("TERMINATED", "ERROR") for r in rows):
+        # Tune ends fit() quietly on Ctrl+C after saving its state; unfinished trials mean that.
+        raise KeyboardInterrupt(f"the sweep stopped with trials unfinished ({', '.join(r.name for r in rows if r.status not in ('TERMINATED', 'ERROR'))})")
+    return rows

@@ -148,8 +148,9 @@ def test_asha_stops_a_bad_trial_early_and_the_sweep_finishes(tmp_path, tiny_data
     for name in trials:  # every trial keeps raylab's run folder
         folder = storage / "asha" / name
         assert (folder / "metrics.parquet").is_file() and (folder / "trial.json").is_file() and (folder / "tensorboard").is_dir()
-        # epochs end at step 12: only trials that got there checkpointed
-        assert bool(list(folder.glob("checkpoint_*"))) == (name not in stopped)
+        # the epoch ends at step 12: finished trials checkpointed there (a stopped one may too:
+        # its workers can take a few more steps while Tune tears it down)
+        assert name in stopped or (folder / "checkpoint_epoch0001_batch000000_step00000012").is_dir()
     assert "stopped early" in result.output and "best val_loss" in result.output
     free, total = wait_for_free_cpus()
     assert free == total  # the stopped trials' workers were released
