@@ -301,6 +301,7 @@ def run_sweep(plan: SweepPlan, display: SweepTable | None = None, on_note: Calla
         samples=spec.samples, scheduler=spec.scheduler, search=spec.search, metric=plan.metric, mode=plan.mode,
         max_concurrent=_concurrency(spec, plan.dims, fits),
         grace_steps=spec.grace_steps, reduction_factor=spec.reduction_factor, max_steps=plan.base.max_steps, seed=spec.seed,
+        total_trials=spec.samples * _grid_size(plan.dims),
     )
     trial_plan = TrialPlan(plan.task_name, plan.base.model_dump(mode="json"), plan.launch.model_dump(mode="json"),
                            plan.uri, spec.lr_scaling, plan.metric, raylab_environment())

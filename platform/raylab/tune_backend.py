@@ -48,6 +48,9 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 # Tune's newer output engine prints an experiment header even at verbose=0; the legacy one is silent.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Ctrl+C: Tune's own handler ends fit() as if the experiment were complete (a ladder would move
+# on); without it KeyboardInterrupt reaches raylab, and a rerun restores the state saved above.
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 # One sweep runs per process at a time; a restored experiment's pickled callback finds it by this key.
 _SINK = "raylab-sweep"
@@ -81,6 +84,7 @@ class TuneSettings:
     reduction_factor: float = 3.0
     max_steps: int | None = None  # the budget in steps, when known (hyperband needs it)
     seed: int | None = 0
+    total_trials: int = 1  # samples x grid size: how many trials a complete experiment has
 
 
 def trial_name(trial: Any) -> str:
@@ -343,7 +347,8 @@ def run_trials(sweep_uri: str, plan: TrialPlan, dims: list[Dimension], settings:
                                     step=metrics.get("step"), value=metrics.get(settings.metric), best=None,
                                     error=str(result.error).strip().splitlines()[-1] if result.error else None)
     rows = sorted(latest.values(), key=lambda r: r.name)
-    if any(r.status not in ("TERMINATED", "ERROR") for r in rows):
-        # Tune ends fit() quietly on Ctrl+C after saving its state; unfinished trials mean that.
-        raise KeyboardInterrupt(f"the sweep stopped with trials unfinished ({', '.join(r.name for r in rows if r.status not in ('TERMINATED', 'ERROR'))})")
+    unfinished = [r.name for r in rows if r.status not in ("TERMINATED", "ERROR")]
+    if unfinished or len(rows) < settings.total_trials:
+        # e.g. SIGINT handled by Tune after all (TUNE_DISABLE_SIGINT_HANDLER=0): its fit() returns early
+        raise KeyboardInterrupt(f"the sweep stopped early: {len(rows)} of {settings.total_trials} trials created, unfinished: {unfinished}")
     return rows
