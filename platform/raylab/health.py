@@ -70,6 +70,9 @@ class HealthCheckFailed(TrainingHealthError):
                          f"(or --set health.{finding.check}=warn).")
         self.finding = finding
 
+    def __reduce__(self):  # Ray pickles a worker's exception: rebuild it from the finding, not the message
+        return (type(self), (self.finding,))
+
 
 @dataclass
 class TaskFacts:

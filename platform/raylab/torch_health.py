@@ -102,9 +102,11 @@ class TorchProbe(ArrayProbe):
         out = []
         for path, value in leaves(batch):
             if isinstance(value, torch.Tensor):
-                if value.is_floating_point() and value.dim() and not bool(torch.isfinite(value).all()):
+                # A sum is NaN/inf when any element is (or when it overflows): one cheap pass, then the rows.
+                if value.is_floating_point() and value.dim() and not bool(torch.isfinite(value.detach().sum())):
                     bad = ~torch.isfinite(value.detach().reshape(value.shape[0], -1)).all(dim=1)
-                    out.append((path, torch.nonzero(bad).flatten().tolist()))
+                    if bool(bad.any()):
+                        out.append((path, torch.nonzero(bad).flatten().tolist()))
             elif isinstance(value, np.ndarray):
                 out += [(path, rows) for _, rows in super().nonfinite_rows(value)]
         return out

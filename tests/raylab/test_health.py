@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import threading
 from pathlib import Path
 
@@ -224,6 +225,7 @@ def test_eval_mode_in_training_is_found_once_and_recorded_everywhere(tmp_path, t
 def test_eval_mode_with_stop_ends_the_run_and_the_cli_exits_1(tmp_path, tiny):
     stopped = run_until_stopped(EvalModeLoss(), tiny(health={"train_mode": "stop"}), tmp_path / "stop")
     assert stopped.finding.check == "train_mode" and "health.train_mode=warn" in str(stopped)
+    assert str(pickle.loads(pickle.dumps(stopped))) == str(stopped)  # Ray ships a worker's error pickled
     # The CLI: a registered model, a check forced to fire (any spread counts as flat), policy stop -> exit 1 with the message.
     result = CliRunner().invoke(app, [
         "train", "tinyimagenet", "--workers", "0", "--storage", str(tmp_path / "cli"), "--name", "flat",
