@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from models.craft.targets import Word, make_targets
+from raylab.datasets import DataError  # noqa: F401  (the one data error every model raises)
 
 IMAGENET_MEAN = np.float32([0.485, 0.456, 0.406])
 IMAGENET_STD = np.float32([0.229, 0.224, 0.225])
@@ -42,10 +43,6 @@ SPLIT_FOLDERS = {
 }
 _IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 _COORDINATES = 8
-
-
-class DataError(ValueError):
-    """A dataset on disk is missing, incomplete or malformed; the message names the file (and line)."""
 
 
 @dataclass(frozen=True)

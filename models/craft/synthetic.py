@@ -20,21 +20,16 @@ dataset, and a complete dataset with the same arguments is reused as is.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 from shapely.geometry import Polygon
 
-from models.craft.data import DataError
+from raylab.datasets import MARKER_NAME, write_once
 
 GENERATOR_VERSION = 2
-MARKER_NAME = ".raylab_synthetic.json"
 GLYPHS = "ABCDEFGHJKLMNPRSTUVWXYZ23456789"
 _FONTS = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX)
 _DONT_CARE_FRACTION = 0.15
@@ -57,55 +52,13 @@ def write_synthetic(root: str | Path, train_images: int = 800, test_images: int 
         raise ValueError("train_images and test_images must be at least 1.")
     if image_size < 64:
         raise ValueError(f"image_size must be at least 64 px, got {image_size}.")
-    root = Path(root).absolute()
     expected = _marker(train_images, test_images, image_size, seed)
-    if _holds_dataset(root, expected):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    moved = False
-    try:
+
+    def write(staging: Path) -> None:
         for split, count, split_id in (("train", train_images, 0), ("test", test_images, 1)):
             _write_split(staging, split, count, image_size, seed, split_id)
-        # Written last: its presence marks the dataset complete.
-        (staging / MARKER_NAME).write_text(json.dumps(expected, indent=2, sort_keys=True))
-        staging.chmod(0o755)  # mkdtemp's 0700 would keep other users out of a shared cache
-        moved = _move_into_place(staging, root, expected)
-    finally:
-        # Once renamed, the staging name may already be another writer's: never delete it then.
-        if not moved:
-            shutil.rmtree(staging, ignore_errors=True)
-    return root
 
-
-def _holds_dataset(root: Path, expected: dict[str, object]) -> bool:
-    """True if `root` already holds this dataset; False if it is absent or empty; DataError otherwise."""
-    if not root.exists():
-        return False
-    if not root.is_dir():
-        raise DataError(f"{root} exists and is not a directory, so no synthetic dataset can be written there.")
-    marker = root / MARKER_NAME
-    if marker.is_file():
-        try:
-            found = json.loads(marker.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"The synthetic dataset marker {marker} is unreadable ({exc}).") from None
-        if found == expected:
-            return True
-        raise DataError(f"{root} holds a synthetic dataset written with different arguments ({found}), not {expected}.")
-    if any(root.iterdir()):
-        raise DataError(f"{root} is a non-empty folder that is not a raylab synthetic dataset; refusing to overwrite it.")
-    return False
-
-
-def _move_into_place(staging: Path, root: Path, expected: dict[str, object]) -> bool:
-    try:
-        os.rename(staging, root)  # atomic; also replaces an empty folder at `root`
-    except OSError:
-        if not _holds_dataset(root, expected):  # another writer won the race: fine if it wrote the same
-            raise
-        return False
-    return True
+    return write_once(root, expected, write)
 
 
 def _write_split(root: Path, split: str, count: int, size: int, seed: int, split_id: int) -> None:

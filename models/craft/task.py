@@ -30,6 +30,7 @@ from models.craft.model import build_craft, count_parameters
 from models.craft.postprocess import PostprocessThresholds, detect_words
 from models.craft.synthetic import GENERATOR_VERSION, write_synthetic
 from raylab.cache import cache_dir
+from raylab.lr_schedules import warmup_then
 from raylab.task import SampleOptions, SampleOutput, TaskContext, TorchParts
 
 _PNG_TILE = 256  # px: the longer side of each sample image in the PNG
@@ -43,17 +44,6 @@ def synthetic_root(cfg: CraftConfig) -> Path:
     name = (f"g{GENERATOR_VERSION}-n{cfg.synthetic_train_images}-v{cfg.synthetic_val_images}"
             f"-px{cfg.synthetic_image_size}-s{cfg.synthetic_seed}")
     return cache_dir("craft-synthetic", name)
-
-
-def lr_multiplier(step: int, total_steps: int, cfg: CraftConfig) -> float:
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "step":
-        return cfg.lr_step_gamma ** (step // cfg.lr_step_every_steps)
-    if cfg.lr_schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
 
 
 def make_optimizer(cfg: CraftConfig, params) -> torch.optim.Optimizer:
@@ -90,7 +80,7 @@ class CraftTask:
         optimizer = make_optimizer(cfg, model.parameters())
 
         def make_scheduler(opt: torch.optim.Optimizer, total_steps: int):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, total_steps, cfg))
+            return warmup_then(opt, total_steps, cfg.warmup_steps, cfg.lr_schedule, cfg.lr_step_gamma, cfg.lr_step_every_steps)
 
         metadata = {
             "outputs": ["region", "affinity"], "output_stride": 2, "input": "RGB, /255, ImageNet mean/std",

@@ -28,6 +28,7 @@ from models.dit.model import DiTShape, build_dit, count_parameters
 from models.dit.samples import NearestTemplate, png_grid, sample_records, to_data_range
 from raylab.cache import cache_dir
 from raylab.config import ConfigError
+from raylab.lr_schedules import warmup_then
 from raylab.task import SampleOptions, SampleOutput, TaskContext, TorchParts
 
 # Validation loss uses this many fixed (timestep, noise) draws per held-out sample,
@@ -104,8 +105,7 @@ class DiTTask:
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
         def make_scheduler(opt: torch.optim.Optimizer, total_steps: int):
-            warm = cfg.warmup_steps
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
+            return warmup_then(opt, total_steps, cfg.warmup_steps)
 
         return TorchParts(model=model, optimizer=optimizer, train_data=train, make_scheduler=make_scheduler, metadata=metadata)
 

@@ -8,7 +8,6 @@ is computed over the whole val split across all workers.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from models.tinyimagenet.config import TinyImageNetConfig
 from models.tinyimagenet.data import DataError, ImageClassificationDataset, load_index, write_synthetic
 from models.tinyimagenet.model import build_model, count_parameters
 from raylab.cache import cache_dir
+from raylab.lr_schedules import warmup_then
 from raylab.task import SampleOptions, TaskContext, TorchParts
 
 
@@ -35,15 +35,6 @@ def make_optimizer(cfg: TinyImageNetConfig, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class TinyImageNetTask:
@@ -71,9 +62,7 @@ class TinyImageNetTask:
         optimizer = make_optimizer(cfg, model.parameters())  # fresh per run: seed 003 suspected a reused one
 
         def make_scheduler(opt: torch.optim.Optimizer, total_steps: int):
-            return torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda step: lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.lr_schedule)
-            )
+            return warmup_then(opt, total_steps, cfg.warmup_steps, cfg.lr_schedule)
 
         return TorchParts(model=model, optimizer=optimizer, train_data=train_data, make_scheduler=make_scheduler)
 

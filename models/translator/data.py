@@ -30,13 +30,10 @@ import numpy as np
 import torch
 
 from models.translator.keypoints import PART_NAMES, KeypointError, clip_length, normalise_parts, read_clip
+from raylab.datasets import DataError  # noqa: F401  (the one data error every model raises)
 
 _VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """A dataset on disk is missing or malformed; the message names the file, line or sample."""
 
 
 @dataclass(frozen=True)

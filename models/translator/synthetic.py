@@ -15,18 +15,13 @@ list them, so training reads them through the same loader as real data.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from models.translator.data import DataError
+from raylab.datasets import write_once
 
 GENERATOR_VERSION = 1
-_MARKER = ".raylab_synthetic.json"
 _WORDS = {
     "en": ("hello", "thank", "you", "please", "house", "water", "friend", "school", "today", "tomorrow", "eat",
            "drink", "go", "come", "family", "work", "happy", "sad", "big", "small", "book", "car", "dog", "cat",
@@ -161,38 +156,5 @@ def write_synthetic(root: str | Path, words: int = 16, train: int = 800, val: in
         raise ValueError(f"language must be one of {', '.join(_WORDS)} (got {language!r}).")
     if not 4 <= words <= MAX_WORDS or train < 1 or val < 1:
         raise ValueError(f"need 4 <= words <= {MAX_WORDS}, train >= 1 and val >= 1 (got {words}, {train}, {val}).")
-    root = Path(root).absolute()
     expected = {"version": GENERATOR_VERSION, "words": words, "train": train, "val": val, "seed": seed, "language": language}
-    if _holds_dataset(root, expected):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    moved = False
-    try:
-        _write(staging, words, {"train": train, "dev": val, "test": val}, seed, language)
-        (staging / _MARKER).write_text(json.dumps(expected, sort_keys=True))  # last: marks it complete
-        staging.chmod(0o755)
-        try:
-            os.rename(staging, root)
-            moved = True
-        except OSError:
-            if not _holds_dataset(root, expected):  # another writer finished first with the same data: fine
-                raise
-    finally:
-        if not moved:
-            shutil.rmtree(staging, ignore_errors=True)
-    return root
-
-
-def _holds_dataset(root: Path, expected: dict) -> bool:
-    if not root.exists():
-        return False
-    marker = root / _MARKER
-    if marker.is_file():
-        found = json.loads(marker.read_text())
-        if found == expected:
-            return True
-        raise DataError(f"{root} holds a synthetic dataset written with other parameters ({found}), not {expected}.")
-    if root.is_dir() and not any(root.iterdir()):
-        return False
-    raise DataError(f"{root} exists and is not a raylab synthetic dataset; refusing to overwrite it.")
+    return write_once(root, expected, lambda staging: _write(staging, words, {"train": train, "dev": val, "test": val}, seed, language))

@@ -11,7 +11,6 @@ before scoring) and reports BLEU-4, ROUGE-L, val loss and token accuracy.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from models.translator.model import (
 )
 from models.translator.synthetic import GENERATOR_VERSION, write_synthetic
 from raylab.cache import cache_dir
+from raylab.lr_schedules import warmup_then
 from raylab.task import SampleOptions, TaskContext, TorchParts
 
 
@@ -83,15 +83,6 @@ def _meta_counts(cfg: TranslatorConfig) -> dict[str, dict[str, int]]:
         return parameter_counts(build_translator(cfg, tokenizer, weights=False))
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
     return {
         "ids": batch["ids"], "mask": batch["mask"].to(device), "labels": batch["labels"].to(device),
@@ -129,9 +120,7 @@ class TranslatorTask:
             optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.optimizer_weight_decay)
 
         def make_scheduler(opt: torch.optim.Optimizer, total_steps: int):
-            return torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda step: lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.lr_schedule)
-            )
+            return warmup_then(opt, total_steps, cfg.warmup_steps, cfg.lr_schedule)
 
         metadata = {
             "tokenizer": "byt5" if cfg.pretrained_dir is None else f"pretrained:{cfg.pretrained_dir}",

@@ -126,7 +126,7 @@ def test_synthetic_dataset_is_written_once_in_the_real_layout(tmp_path):
     stamp = examples[0].clip.stat().st_mtime_ns
     assert write_synthetic(tmp_path / "s", words=6, train=12, val=4, seed=1) == root  # reused, not rewritten
     assert examples[0].clip.stat().st_mtime_ns == stamp
-    with pytest.raises(DataError, match="other parameters"):
+    with pytest.raises(DataError, match="different arguments"):
         write_synthetic(tmp_path / "s", words=7, train=12, val=4, seed=1)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".s.partial")]
 
