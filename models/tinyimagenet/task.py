@@ -66,6 +66,18 @@ class TinyImageNetTask:
 
         return TorchParts(model=model, optimizer=optimizer, train_data=train_data, make_scheduler=make_scheduler)
 
+    # Declarations the training health checks read (raylab.task): labels in range, the
+    # output width, chance accuracy / ln(C) loss (seed 003's 0.5%), sample names in messages.
+    @property
+    def num_classes(self) -> int:
+        return self.index.num_classes
+
+    def class_labels(self, batch: Any) -> torch.Tensor:
+        return batch[1]
+
+    def describe_sample(self, index: int) -> str:
+        return self.index.train[index][0].name
+
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, labels = batch
         logits = model(images)

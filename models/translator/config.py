@@ -20,6 +20,9 @@ class TranslatorConfig(TrainConfig):
     grad_accum_steps: int = Field(
         1, gt=0, description="Micro-batches accumulated per optimizer step; seed 002's advice: per_worker_batch_size x workers x this >= 32 (e.g. batch 2 x 16 when memory is short)."
     )
+    min_global_batch: int = Field(
+        32, ge=0, description="The run starts with a notice when per_worker_batch_size x workers x grad_accum_steps is below this (seed 002's rule: 32); 0: no notice."
+    )
 
     # Data
     data_dir: Path | None = Field(None, description="A dataset folder: <split>.tsv files of '<id><TAB><text>' lines and poses/<id>.npy|.pkl|<id>/ (OpenPose JSON); None: a synthetic dataset in that layout.")

@@ -113,6 +113,11 @@ class TranslatorTask:
         counts = parameter_counts(model)
         notices = [f"parameters trainable/total: {format_counts(counts)}",
                    f"truncation: {train_data.truncation.notice()}; {self.val_data.truncation.notice()}"]
+        global_batch = cfg.per_worker_batch_size * ctx.world_size * cfg.grad_accum_steps
+        if global_batch < cfg.min_global_batch:
+            notices.append(f"global batch {global_batch} (per_worker_batch_size {cfg.per_worker_batch_size} x {ctx.world_size} worker(s) x "
+                           f"grad_accum_steps {cfg.grad_accum_steps}) is below {cfg.min_global_batch}: seed 002 learned only with "
+                           f"batch x accumulation >= 32; raise grad_accum_steps")
         trainable = [p for p in model.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
             optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=0.9, weight_decay=cfg.optimizer_weight_decay)

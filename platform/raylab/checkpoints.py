@@ -217,9 +217,14 @@ def clean_runs(runs: list[str], storage: str = DEFAULT_STORAGE, keep_latest: int
     """
     policy = RetentionPolicy(keep_latest, keep_best, metric, mode)  # type: ignore[arg-type]
     located = [locate_run(run, storage, filesystem) for run in runs]  # every name checked before anything is deleted
+    scanned = [(fs, path, scan_checkpoints(fs, path, "checksums")) for fs, path in located]
+    if keep_best and metric:
+        reported = sorted({k for _, _, records in scanned for r in records if r.valid for k in r.metrics})
+        if reported and metric not in reported:  # a typo must not turn "keep the best" into "keep none"
+            raise ConfigError(f"--metric {metric}: no checkpoint of {', '.join(runs)} reported it; they report {', '.join(reported)}.")
     results = []
-    for fs, path in located:
-        plan = plan_retention(scan_checkpoints(fs, path, "checksums"), policy)
+    for fs, path, records in scanned:
+        plan = plan_retention(records, policy)
         deleted = [] if dry_run else apply_plan(fs, plan)
         results.append(RunCleanup(display_path(fs, path), plan, deleted, dry_run))
     return results

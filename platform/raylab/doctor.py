@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from raylab.config import TrainConfig
 from raylab.health import CHECKS, ArrayProbe, Finding, HealthCheckFailed, HealthMonitor, TaskFacts, leaves
-from raylab.health_trends import WindowStats, at_chance
+from raylab.health_trends import WindowStats, at_chance, can_tell_chance
 from raylab.loop_core import Position, RunPlan, TrainingRun, epoch_batches
 from raylab.loop_reporting import TrainingHealthError
 from raylab.session import LocalSession
@@ -250,6 +250,9 @@ class Doctor:
         c = self.facts.num_classes
         if not c or not windows or windows[-1].accuracy is None:
             self.add("accuracy_leaves_chance", "n/a", "the task declares no num_classes or reports no accuracy")
+        elif not can_tell_chance(windows[-1], c, self.cfg.health.chance_sigmas):
+            self.add("accuracy_leaves_chance", "n/a", f"{windows[-1].samples:.0f} samples over {windows[-1].span} cannot tell "
+                     f"chance (1/{c}) from twice chance: raise --steps or the batch size")
         else:
             last = windows[-1]
             result = "finding" if at_chance(last, c, self.cfg.health.chance_sigmas) else "ok"

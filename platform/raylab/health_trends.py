@@ -57,12 +57,26 @@ class WindowStats:
         return float(high - low)
 
 
-def at_chance(window: WindowStats, num_classes: int, sigmas: float) -> bool:
-    """Accuracy not distinguishable from guessing: below 1/C + `sigmas` binomial standard deviations."""
-    if window.accuracy is None or window.samples <= 0:
-        return False
+def chance_margin(window: WindowStats, num_classes: int, sigmas: float) -> float:
+    """`sigmas` binomial standard deviations of guessing's accuracy over the window's samples."""
     p = 1.0 / num_classes
-    return window.accuracy <= p + sigmas * math.sqrt(p * (1 - p) / window.samples)
+    return sigmas * math.sqrt(p * (1 - p) / max(window.samples, 1e-9))
+
+
+def can_tell_chance(window: WindowStats, num_classes: int, sigmas: float) -> bool:
+    """Whether the window has the samples to tell guessing from twice chance (from chance + 2
+    accuracy points with many classes): 16 samples of 4 classes cannot separate 25% from 50%,
+    so such a window gives no chance verdict; 160 samples of 200 classes separate 0.5% from 2.2%."""
+    allowed = max(1.0 / num_classes, 0.02)
+    return window.accuracy is not None and window.samples > 0 and chance_margin(window, num_classes, sigmas) <= allowed
+
+
+def at_chance(window: WindowStats, num_classes: int, sigmas: float) -> bool:
+    """Accuracy not distinguishable from guessing: below 1/C + `sigmas` binomial standard deviations
+    (only for windows that can tell, see `can_tell_chance`)."""
+    if not can_tell_chance(window, num_classes, sigmas):
+        return False
+    return window.accuracy <= 1.0 / num_classes + chance_margin(window, num_classes, sigmas)
 
 
 def class_findings(windows: list[WindowStats], cfg: HealthConfig, num_classes: int) -> list[tuple[str, str]]:

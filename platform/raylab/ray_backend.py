@@ -174,9 +174,9 @@ class RaySession:
         self._queue = progress_queue
         notify = lambda text: self.progress({"notice": text})  # noqa: E731
         self.checkpoints = RunCheckpoints(self.run_fs, self.run_path, retention or RetentionPolicy(None), notify)
-        pid_dir = os.environ.get("RAYLAB_TEST_PID_DIR")  # lets the recovery tests kill a real worker by pid
-        if pid_dir:
-            Path(pid_dir, f"rank{self.world_rank}.pid").write_text(str(os.getpid()))
+        self._test_dir = os.environ.get("RAYLAB_TEST_PID_DIR")  # lets the recovery tests kill a real worker by pid
+        if self._test_dir:
+            Path(self._test_dir, f"rank{self.world_rank}.pid").write_text(str(os.getpid()))
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -216,6 +216,22 @@ class RaySession:
             return
         with contextlib.suppress(Exception):  # a display must never break training
             self._queue.put_nowait(update)
+        if self._test_dir:
+            _hold_for_test(Path(self._test_dir), update)
+
+
+def _hold_for_test(folder: Path, update: dict[str, Any]) -> None:
+    """Recovery tests only (RAYLAB_TEST_PID_DIR): when the test has created `hold`, rank 0
+    stops right after announcing its first mid-epoch checkpoint, until the test creates
+    `release` -- so a test kills a worker at that point whatever the machine's speed (the
+    other workers wait at their next collective). Once per test: `hold` is consumed."""
+    hold = folder / "hold"
+    if not (hold.exists() and update.get("last_checkpoint") and update.get("batch_in_epoch", 0) > 0):
+        return
+    hold.unlink()
+    deadline = time.monotonic() + 120  # never hang a run that the test forgot
+    while not (folder / "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _train_worker(config: dict[str, Any]) -> None:

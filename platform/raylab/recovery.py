@@ -78,7 +78,8 @@ def newest_valid_checkpoint(fs: pafs.FileSystem, run_path: str, notify: Callable
     if any(r.state is not None for r in skipped):
         raise CheckpointError(
             f"none of the {len(skipped)} checkpoint folder(s) in {display_path(fs, run_path)} is valid (see the notes above); "
-            "delete them (`raylab ckpt clean`) or train under a new --name."
+            "see `raylab ckpt list` for each one's problem, then move the broken folders away (nothing deletes them for you: "
+            "they may hold the only copy of your progress) or train under a new --name."
         )
     if skipped:  # only saves that never completed: no progress to lose
         notify("no complete checkpoint: starting from the beginning")

@@ -6,8 +6,9 @@
                                guidance=4.0, steps=50, seed=0, out="samples.json")
 
 Works for every registered task that can sample (DiT generates images or token
-sequences; tinyimagenet gives its predictions). The checkpoint folder (or a run
-folder: its newest checkpoint) may be local or on any pyarrow filesystem
+sequences; tinyimagenet gives its predictions; GMAN, a TensorFlow task, its
+forecasts). The checkpoint folder (or a run folder: its newest checkpoint) may
+be local or on any pyarrow filesystem
 (`s3://bucket/run/checkpoint_...`); a remote one is copied to a temporary
 folder, and every file's checksum is verified first. The task is rebuilt from the config stored in state.json, with the EMA weights
 (`ema.safetensors`) when the run kept them, else `model.safetensors`.
@@ -30,7 +31,7 @@ from typing import Any, Iterator
 
 from raylab.checkpoint import CheckpointError, load_torch_state, read_checkpoint_state
 from raylab.config import ConfigError, validate_config
-from raylab.task import TASKS, SampleOptions, SampleOutput, TaskContext, get_task
+from raylab.task import TASKS, SampleOptions, SampleOutput, TaskContext, framework_of, get_task
 
 EMA_WEIGHTS = "ema.safetensors"  # written by the loop when ema_decay is set; same keys as model.safetensors
 
@@ -127,7 +128,7 @@ class LoadedCheckpoint:
     task_name: str
     task: Any
     cfg: Any  # the task's TrainConfig subclass, from state.json
-    model: Any  # torch.nn.Module in eval mode, on `ctx.device`
+    model: Any  # torch.nn.Module in eval mode, on `ctx.device`; a keras.Model for TensorFlow tasks
     ctx: TaskContext
     state: dict[str, Any]
     weights: str  # "ema.safetensors" or "model.safetensors"
@@ -146,6 +147,11 @@ def load_checkpoint(checkpoint: str | Path, device: str = "cpu") -> LoadedCheckp
         task = get_task(name)
         cfg = validate_config(task.config_cls, state.get("config", {}), f"checkpoint {checkpoint} config")
         ctx = TaskContext(device=device)
+        if framework_of(task) == "tensorflow":
+            from raylab.tf_loop import MODEL_FILE, build_for_inference
+
+            model, weights = build_for_inference(task, cfg, ctx, directory), MODEL_FILE
+            return LoadedCheckpoint(name, task, cfg, model, ctx, state, weights, folder_name)
         torch.manual_seed(cfg.seed)
         builder = getattr(task, "build_for_sampling", None)
         if builder is not None:

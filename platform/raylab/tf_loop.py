@@ -40,7 +40,7 @@ from raylab.loop_core import RunPlan, run_loop
 from raylab.session import Session
 from raylab.task import SampleOutput, TaskContext, TfTask, task_name_of
 
-__all__ = ["TF_ENV", "TfStepper", "configure_tensorflow", "train_tf"]
+__all__ = ["TF_ENV", "TfStepper", "build_for_inference", "configure_tensorflow", "train_tf"]
 
 # Read by TensorFlow once, at import: oneDNN off = a silent import and one fixed set of float bits.
 TF_ENV = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -140,6 +140,18 @@ def load_variables(path: Path, variables: dict[str, Any]) -> None:
         raise CheckpointError(f"{path} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}, other shape {wrong[:3]}.")
     for key, variable in variables.items():
         variable.assign(saved[key])
+
+
+def build_for_inference(task: TfTask, cfg: TrainConfig, ctx: TaskContext, directory: Path) -> Any:
+    """A TensorFlow task's model built in this process (default strategy) with a checkpoint's
+    weights, for `raylab sample`; the task's `build` runs, so it reads its data as in training."""
+    configure_tensorflow()
+    import keras
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = task.build(cfg, ctx).model
+    load_variables(directory / MODEL_FILE, variables_by_path(model.variables, "model"))
+    return model
 
 
 class TfStepper:

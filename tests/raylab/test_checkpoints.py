@@ -178,6 +178,7 @@ def test_clean_across_runs_with_an_orphan_and_corrupt_folders(ray_session, evalu
         (["info", "ev/../../etc", "--storage", "STORAGE"], "give the checkpoint as <run>/<checkpoint folder>"),
         (["info", "STORAGE/ev"], "is a run folder, not a checkpoint"),
         (["clean", "ev", "--keep-latest", "1", "--keep-best", "1"], "needs a metric"),
+        (["clean", "ev", "--keep-latest", "1", "--keep-best", "1", "--metric", "val_los"], "--metric val_los: no checkpoint of ev reported it; they report "),
         (["clean", "ev", "--keep-latest", "1", "--mode", "avg"], "mode must be 'min' or 'max'"),
         (["clean", "ev", "--keep-latest", "-1"], "keep-latest must be 0 or more"),
     ],

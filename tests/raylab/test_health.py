@@ -36,22 +36,8 @@ from raylab.torch_loop import TorchStepper, train_torch
 FAST = {"warmup_steps": 12, "window_steps": 12}  # verdicts from the second epoch on
 
 
-class Declared(TinyImageNetTask):
-    """TinyImageNet with the optional declarations the class checks need (see raylab.task)."""
-
-    @property
-    def num_classes(self) -> int:
-        return self.index.num_classes
-
-    def class_labels(self, batch):
-        return batch[1]
-
-    def describe_sample(self, index: int) -> str:
-        return self.index.train[index][0].name
-
-
 def run(task, cfg_values: dict, folder: Path, updates: list | None = None) -> TrainingRun:
-    """Train `task` in-process; the TrainingRun (with its health monitor) is returned even when it stops."""
+    """Train `task` in-process; returns the TrainingRun, whose health monitor holds the findings."""
     cfg = task.config_cls.model_validate(cfg_values)
     session = LocalSession(folder, keep_checkpoints=1, on_progress=updates.append if updates is not None else None)
     training = TrainingRun(TorchStepper(task, cfg, session), cfg, session, "test", ("loss", "accuracy"), {})
@@ -78,13 +64,13 @@ def test_health_policies_come_from_dotted_set_keys_and_yaml_and_merge(tmp_path):
     experiment = tmp_path / "exp.yaml"
     experiment.write_text("model: tinyimagenet\ndefaults: {health: {loss_flat: stop, warmup_steps: 7}}\n"
                           "stages:\n  quick: {health: {window_steps: 9}}\n")
-    cfg = resolve_config(Declared.config_cls, experiment, "quick", parse_overrides(["health.labels=off"]))
+    cfg = resolve_config(TinyImageNetTask.config_cls, experiment, "quick", parse_overrides(["health.labels=off"]))
     assert (cfg.health.loss_flat, cfg.health.warmup_steps, cfg.health.window_steps, cfg.health.labels) == ("stop", 7, 9, "off")
     assert cfg.health.nonfinite_grads == "stop" and cfg.health.train_mode == "warn"  # defaults kept
     with pytest.raises(ConfigError, match=r"field 'health.labels' .*'warn', 'stop' or 'off'.*'sometimes'"):
-        resolve_config(Declared.config_cls, experiment, "quick", parse_overrides(["health.labels=sometimes"]))
+        resolve_config(TinyImageNetTask.config_cls, experiment, "quick", parse_overrides(["health.labels=sometimes"]))
     with pytest.raises(ConfigError, match="unknown field 'health.label'"):
-        resolve_config(Declared.config_cls, experiment, "quick", parse_overrides(["health.label=off"]))
+        resolve_config(TinyImageNetTask.config_cls, experiment, "quick", parse_overrides(["health.label=off"]))
     with pytest.raises(ConfigError, match="not of the form key=value"):
         parse_overrides(["health.=off"])
     assert all(f.description for f in HealthConfig.model_fields.values())
@@ -128,6 +114,12 @@ def test_chance_and_input_dependence_verdicts():
     assert verdicts(learning, num_classes=10) == set()
     assert verdicts(at_chance, num_classes=10, chance_accuracy="off", chance_loss="off", input_dependence="off",
                     loss_flat="off") == set()
+    # 16 samples of 4 classes cannot tell guessing (25%) from 50%: no verdict either way.
+    def falling(samples: float, accuracy: float) -> list:
+        return [window(end, np.linspace(2.0 - end / 20, 1.95 - end / 20, 10), accuracy=accuracy, samples=samples) for end in (10, 20, 30)]
+
+    assert verdicts(falling(16, 0.5), num_classes=4) == set()
+    assert verdicts(falling(400, 0.3), num_classes=4) == {"chance_accuracy"}  # 0.3 <= 0.25 + 3 x 0.022
 
 
 # -- two workers agree: a rank-local stop stops both, rank 0 records what the other found -----------
@@ -198,7 +190,7 @@ def test_a_warning_on_another_worker_reaches_rank_0_at_the_window_end():
 
 # -- seed bugs planted in real runs -------------------------------------------------------------
 
-class EvalModeLoss(Declared):
+class EvalModeLoss(TinyImageNetTask):
     """Seed 003's suspect: model.eval() left on during training (here: called in loss)."""
 
     def loss(self, model, batch):
@@ -217,7 +209,7 @@ def test_eval_mode_in_training_is_found_once_and_recorded_everywhere(tmp_path, t
     metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
     assert metrics["health"].str.startswith("train_mode:").tolist() == [True, False, False, False]  # steps 6, 12, 18, 24
     # The healthy task: no finding, an empty health column, no health.json.
-    clean = run(Declared(), tiny(max_epochs=1), tmp_path / "clean")
+    clean = run(TinyImageNetTask(), tiny(max_epochs=1), tmp_path / "clean")
     assert clean.health.findings == [] and not (tmp_path / "clean" / "health.json").exists()
     assert pd.read_parquet(tmp_path / "clean" / "metrics.parquet")["health"].tolist() == [""]
 
@@ -252,7 +244,7 @@ def _no_grad_model(model: nn.Module) -> nn.Module:
     return Detached()
 
 
-class FrozenStem(Declared):
+class FrozenStem(TinyImageNetTask):
     """A frozen-by-accident stem: it runs without autograd, so it can never learn (seed 002's frozen encoder)."""
 
     def build(self, cfg, ctx):
@@ -271,7 +263,7 @@ class NaNKeypoints:
     """A pose classifier on real .npy keypoint files; the seed-002 normalisation divides by the
     keypoints' range, which is 0 (-> NaN) for a clip whose keypoints are all zero."""
 
-    config_cls = Declared.config_cls
+    config_cls = TinyImageNetTask.config_cls
     headline_metrics = ("loss", "accuracy")
     num_classes = 2
 
@@ -323,7 +315,7 @@ def test_nan_keypoints_are_found_before_the_loss_with_their_files_named(tmp_path
     assert "batch[0]" in str(stopped) and "step 0" in str(stopped)
 
 
-class TooFewClasses(Declared):
+class TooFewClasses(TinyImageNetTask):
     """Seed 003's num_classes bug: a model (and the task's belief) of 2 classes on 4-class data."""
 
     believed = 2
@@ -353,7 +345,7 @@ def test_labels_past_num_classes_and_a_model_built_for_too_few_classes_stop_befo
     assert "outputs 2 scores per sample but the task's data has num_classes 4" in str(stopped)
 
 
-class ReusedOptimizer(Declared):
+class ReusedOptimizer(TinyImageNetTask):
     """Seed 003's suspect: an optimizer created once and reused for the next model."""
 
     previous: torch.optim.Optimizer | None = None
@@ -368,7 +360,7 @@ class ReusedOptimizer(Declared):
 
 def test_an_optimizer_built_for_another_model_stops_the_run(tmp_path, tiny):
     ReusedOptimizer.previous = None
-    ReusedOptimizer().build(Declared.config_cls.model_validate(tiny()), TaskContext())  # the first model
+    ReusedOptimizer().build(TinyImageNetTask.config_cls.model_validate(tiny()), TaskContext())  # the first model
     stopped = run_until_stopped(ReusedOptimizer(), tiny(), tmp_path / "reused")
     assert stopped.finding.check == "optimizer_foreign"
     assert "not this model's parameters" in str(stopped) and "built for another model" in str(stopped)
@@ -383,7 +375,7 @@ def classes200(tmp_path_factory) -> Path:
                            seed=2, image_size=16)
 
 
-class PlainDeepCNN(Declared):
+class PlainDeepCNN(TinyImageNetTask):
     """Seed 003's plain CNN made 16 layers deep: conv + ReLU, no batch norm, PyTorch's default init."""
 
     def build(self, cfg, ctx):
@@ -408,11 +400,11 @@ def test_a_deep_plain_cnn_at_default_init_is_input_independent_and_at_chance(tmp
     assert "within 3 sigma of chance (1/200 = 0.50%)" in found["chance_accuracy"]
     assert "pinned at ln(200) = 5.2983" in found["chance_loss"]
     # The same data through a batch-norm ResNet: the output depends on the input.
-    healthy = checks(run(Declared(), {**values, "family": "residual", "max_epochs": 1}, tmp_path / "resnet"))
+    healthy = checks(run(TinyImageNetTask(), {**values, "family": "residual", "max_epochs": 1}, tmp_path / "resnet"))
     assert "input_dependence" not in healthy and "chance_loss" not in healthy
 
 
-class FastDecay(Declared):
+class FastDecay(TinyImageNetTask):
     """Seed 001's schedule: decay x0.1 every epoch down to a floor of 1% of the peak, reached at epoch 2."""
 
     def build(self, cfg, ctx):
@@ -428,7 +420,7 @@ def steady(tmp_path_factory, tiny_data) -> dict[str, str]:
     """The findings of a healthy 3-epoch run at a constant lr of 0.1 (Adam, batch norm): the control."""
     values = {"data_dir": str(tiny_data), "family": "baseline", "width": 4, "image_size": 16, "per_worker_batch_size": 8,
               "eval_batch_size": 32, "max_epochs": 3, "lr": 0.1, "augment": False, "num_samples": 0, "health": FAST}
-    return checks(run(Declared(), values, tmp_path_factory.mktemp("steady")))
+    return checks(run(TinyImageNetTask(), values, tmp_path_factory.mktemp("steady")))
 
 
 def test_lr_at_its_floor_from_epoch_2_while_the_loss_still_falls(tmp_path, tiny, steady):
@@ -439,7 +431,7 @@ def test_lr_at_its_floor_from_epoch_2_while_the_loss_still_falls(tmp_path, tiny,
 
 
 def test_lr_far_too_high_swings_the_loss(tmp_path, tiny, steady):
-    found = checks(run(Declared(), tiny(max_epochs=2, lr=3.0, augment=False, num_samples=0, health=FAST), tmp_path / "high"))
+    found = checks(run(TinyImageNetTask(), tiny(max_epochs=2, lr=3.0, augment=False, num_samples=0, health=FAST), tmp_path / "high"))
     swings = found.get("loss_oscillating") or found.get("loss_diverging")
     assert swings is not None and "at lr 3" in swings, found
     assert not {"loss_oscillating", "loss_diverging"} & set(steady)

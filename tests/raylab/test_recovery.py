@@ -65,22 +65,34 @@ def uninterrupted(ray_session, tmp_path_factory, tiny_data):
     return get
 
 
+def held_pid_dir(tmp_path: Path, monkeypatch) -> Path:
+    """A folder where Ray workers write their pids, and where `hold` makes rank 0 wait right
+    after announcing its first mid-epoch checkpoint until the test creates `release`
+    (raylab.ray_backend): the kill lands mid-epoch however fast the machine trains."""
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    (pid_dir / "hold").touch()
+    monkeypatch.setenv("RAYLAB_TEST_PID_DIR", str(pid_dir))
+    return pid_dir
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("accum", [1, 2])
 def test_worker_sigkilled_mid_epoch_restarts_from_newest_checkpoint(uninterrupted, tmp_path, tiny, accum, monkeypatch, capfd):
-    pid_dir = tmp_path / "pids"
-    pid_dir.mkdir()
-    monkeypatch.setenv("RAYLAB_TEST_PID_DIR", str(pid_dir))
+    pid_dir = held_pid_dir(tmp_path, monkeypatch)
     updates: list[dict] = []
     killed: list[int] = []
+    announced: list[str] = []
 
     def watch(update: dict) -> None:
         updates.append(dict(update))
-        # Mid-epoch, after at least one checkpoint: kill worker 1's process, once.
+        # Mid-epoch, after the first checkpoint (where rank 0 now waits): kill worker 1's process, once.
         if not killed and update.get("last_checkpoint") and update.get("epoch") == 0 and update.get("batch_in_epoch", 0) > 0:
             pid = int((pid_dir / "rank1.pid").read_text())
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
+            announced.append(update["last_checkpoint"])
+            (pid_dir / "release").touch()
 
     train("tinyimagenet", "quick", recovery_cfg(tiny, accum),
           LaunchConfig(num_workers=2, storage_path=str(tmp_path), name="wk", max_failures=2), on_progress=watch)
@@ -88,7 +100,9 @@ def test_worker_sigkilled_mid_epoch_restarts_from_newest_checkpoint(uninterrupte
     notices = [u["notice"] for u in updates if "notice" in u]
     deaths = [n for n in notices if "died" in n]
     assert len(deaths) == 1, notices
-    assert re.search(rf"^worker 1 \(pid {killed[0]}\) died: .*SIGKILL.*; restarting from checkpoint_epoch0000_batch\d+_step\d+ \(restart 1 of 2\)$", deaths[0]), deaths[0]
+    # Rank 0 held right after announcing its first mid-epoch checkpoint: that is where the group restarts.
+    assert announced[0].startswith("checkpoint_epoch0000_batch000002_")
+    assert re.search(rf"^worker 1 \(pid {killed[0]}\) died: .*SIGKILL.*; restarting from {announced[0]} \(restart 1 of 2\)$", deaths[0]), deaths[0]
     assert_same_weights(final_weights(tmp_path / "wk"), uninterrupted(tiny, accum))
     # Ray's own paragraph about the death never reached this process's terminal.
     captured = capfd.readouterr()
@@ -99,15 +113,14 @@ def test_worker_sigkilled_mid_epoch_restarts_from_newest_checkpoint(uninterrupte
 def test_worker_death_without_restarts_left_fails_in_one_sentence(ray_session, tmp_path, tiny, monkeypatch):
     from raylab.ray_failures import WorkerDiedError
 
-    pid_dir = tmp_path / "pids"
-    pid_dir.mkdir()
-    monkeypatch.setenv("RAYLAB_TEST_PID_DIR", str(pid_dir))
+    pid_dir = held_pid_dir(tmp_path, monkeypatch)
     killed: list[int] = []
 
     def watch(update: dict) -> None:
         if not killed and update.get("last_checkpoint"):
             killed.append(int((pid_dir / "rank0.pid").read_text()))  # the checkpoint writer this time
             os.kill(killed[0], signal.SIGKILL)
+            (pid_dir / "release").touch()
 
     with pytest.raises(WorkerDiedError) as failure:
         train("tinyimagenet", "quick", recovery_cfg(tiny, 1), LaunchConfig(num_workers=2, storage_path=str(tmp_path), name="gone"), on_progress=watch)

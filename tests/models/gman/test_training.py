@@ -124,3 +124,17 @@ def test_quick_stage_beats_last_value_and_historical_average_at_horizon_12(stora
     print({k: round(float(best[k]), 3) for k in best.index if k.startswith("val_") and ("h12" in k or k == "val_mae")})
     assert best["val_mae_h12"] < best["val_last_value_mae_h12"]
     assert best["val_mae_h12"] < best["val_historical_average_mae_h12"]
+
+
+def test_raylab_sample_rebuilds_a_tensorflow_checkpoint_and_forecasts(whole, tmp_path):
+    from raylab.sampling import sample_checkpoint
+
+    result = sample_checkpoint(whole.latest_checkpoint, n=3, out=tmp_path / "forecasts.json")
+    payload = json.loads((tmp_path / "forecasts.json").read_text())
+    assert payload["model"] == "gman" and payload["weights"] == "model.safetensors" and payload["step"] == 12
+    assert len(payload["samples"]) == 3 and result.png_path is not None and result.png_path.is_file()
+    first = payload["samples"][0]
+    assert len(first["forecast"]) == len(first["actual"]) == 12 and all(np.isfinite(first["forecast"]))
+    # The stored weights, not a fresh initialisation: the same window's forecast as the run's last sampling round.
+    last_round = json.loads(sorted((Path(whole.latest_checkpoint).parent / "samples").glob("step_*.json"))[-1].read_text())
+    assert last_round["samples"][0]["forecast"] == first["forecast"]

@@ -174,3 +174,14 @@ def test_mt5_gated_gelu_model_trains_and_translates(tiny_translator):
     model.eval()
     ids = model.translate(batch["parts"], batch["mask"], num_beams=2, max_new_tokens=5)
     assert ids.shape[0] == 2 and ids.shape[1] <= 6
+
+
+def test_a_global_batch_below_seed_002s_32_is_noticed(tiny_translator):
+    def notices(ctx: TaskContext, **values) -> list[str]:
+        return TranslatorTask().build(config(tiny_translator, **values), ctx).metadata["notices"]
+
+    small = [n for n in notices(TaskContext(), per_worker_batch_size=4, grad_accum_steps=4) if n.startswith("global batch")]
+    assert small == ["global batch 16 (per_worker_batch_size 4 x 1 worker(s) x grad_accum_steps 4) is below 32: seed 002 learned "
+                     "only with batch x accumulation >= 32; raise grad_accum_steps"]
+    # Workers count: 4 x 2 workers x 4 = 32 meets the rule.
+    assert not [n for n in notices(TaskContext(world_size=2), per_worker_batch_size=4, grad_accum_steps=4) if n.startswith("global batch")]
