@@ -80,6 +80,7 @@ class GmanTask:
         return TfParts(
             model=model, make_optimizer=lambda steps_per_epoch, _scheduled: make_optimizer(cfg, steps_per_epoch),
             train_data=self.data.train, metadata=metadata, jit_compile=cfg.xla,
+            data_variables=("spatial_embedding", "input_mean", "input_std"),  # from this run's data, not a warm start's
         )
 
     def loss(self, model, batch) -> tuple[Any, Any, dict[str, Any]]:

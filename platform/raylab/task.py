@@ -130,6 +130,9 @@ class TfParts:
     train_data: Any  # __len__, and batch(indices) -> tuple of numpy arrays (one micro-batch)
     metadata: dict[str, Any] = field(default_factory=dict)
     jit_compile: bool = False  # compile the forward/backward pass with XLA
+    # Variable names (a path's last part) holding values computed from this run's data
+    # (normalisation constants, a spatial embedding): a warm start keeps them, never copies them.
+    data_variables: tuple[str, ...] = ()
 
 
 @runtime_checkable

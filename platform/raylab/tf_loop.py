@@ -206,7 +206,9 @@ class TfStepper:
         from raylab.warm_start import match_tensors
 
         saved = safetensors.numpy.load_file(str(Path(directory) / MODEL_FILE))
-        report = match_tensors(source, {k: tuple(v.shape) for k, v in saved.items()}, {k: tuple(v.shape) for k, v in self.weights.items()})
+        own = set(self.parts.data_variables)
+        report = match_tensors(source, {k: tuple(v.shape) for k, v in saved.items()}, {k: tuple(v.shape) for k, v in self.weights.items()},
+                               keep=lambda path: path.endswith(SEED_STATE) or path.rsplit("/", 1)[-1] in own)
         for key in report.loaded:
             self.weights[key].assign(saved[key])
         return report

@@ -10,6 +10,8 @@ and a per-tensor report says what happened:
     skipped_shape   same name, other shape (a wider layer, more heads): left at init
     new             only in the new model (an extra block): left at init
     unused          only in the checkpoint (a block the new model lacks)
+    kept            the new run's own values, never copied: constants computed from
+                    its data (GMAN's normalisation and spatial embedding) and RNG states
 
 The report is written as `warm_start.json` in the new run's folder and
 summarised on screen. Only weights move: the optimizer, schedule and position
@@ -26,7 +28,7 @@ import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -42,27 +44,33 @@ class WarmStartReport:
     skipped_shape: list[dict] = field(default_factory=list)  # {"name", "saved", "model"}
     new: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        kept = f", {len(self.kept)} kept from this run (data constants, RNG states)" if self.kept else ""
         return (f"warm start from {self.source}: {len(self.loaded)} tensors loaded, {len(self.skipped_shape)} skipped "
-                f"(shape differs), {len(self.new)} new, {len(self.unused)} unused")
+                f"(shape differs), {len(self.new)} new, {len(self.unused)} unused{kept}")
 
     def to_json(self) -> bytes:
         counts = {k: len(v) for k, v in asdict(self).items() if isinstance(v, list)}
         return json.dumps({"summary": self.summary(), "counts": counts, **asdict(self)}, indent=2).encode()
 
 
-def match_tensors(source: str, saved: dict[str, tuple[int, ...]], model: dict[str, tuple[int, ...]]) -> WarmStartReport:
-    """Decide tensor by tensor what a warm start loads, from names and shapes alone."""
+def match_tensors(source: str, saved: dict[str, tuple[int, ...]], model: dict[str, tuple[int, ...]],
+                  keep: Callable[[str], bool] = lambda name: False) -> WarmStartReport:
+    """Decide tensor by tensor what a warm start loads, from names and shapes alone; names
+    `keep` accepts stay as the new run has them."""
     report = WarmStartReport(source)
     for name, shape in model.items():
-        if name not in saved:
+        if keep(name):
+            report.kept.append(name)
+        elif name not in saved:
             report.new.append(name)
         elif tuple(saved[name]) == tuple(shape):
             report.loaded.append(name)
         else:
             report.skipped_shape.append({"name": name, "saved": list(saved[name]), "model": list(shape)})
-    report.unused = [name for name in saved if name not in model]
+    report.unused = [name for name in saved if name not in model and not keep(name)]
     return report
 
 
