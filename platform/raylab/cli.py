@@ -41,13 +41,16 @@ def models() -> None:
         table.add_column(col, justify="right" if col == "parameters" else "left")
     for name in sorted(TASKS):
         task = get_task(name)
-        path = find_experiment(name)
-        experiment = read_experiment(path)
-        for stage in STAGES:
-            if stage not in experiment["stages"]:
-                continue
-            cfg = validate_config(task.config_cls, stage_values(experiment, stage, path), f"{path} stage '{stage}'")
-            table.add_row(name, stage, f"{task.num_parameters(cfg):,}", task.describe(cfg))
+        main = find_experiment(name)
+        # experiments/<model>.yaml, then variants such as dit_tokens.yaml (`--experiment` to train them)
+        for path in [main, *sorted(main.parent.glob(f"{name}_*.yaml"))]:
+            experiment = read_experiment(path)
+            label = name if path == main else f"{name} ({path.name})"
+            for stage in STAGES:
+                if stage not in experiment["stages"]:
+                    continue
+                cfg = validate_config(task.config_cls, stage_values(experiment, stage, path), f"{path} stage '{stage}'")
+                table.add_row(label, stage, f"{task.num_parameters(cfg):,}", task.describe(cfg))
     out.print(table)
 
 

@@ -77,6 +77,9 @@ def test_models_lists_stages_and_parameter_counts():
     for stage in ("quick", "medium", "full"):
         assert stage in result.output
     assert "11,271,432" in result.output  # ResNet-18 at 200 classes, the published size
+    wide = runner.invoke(app, ["models"], env={"COLUMNS": "250"})
+    rows = [line for line in wide.output.splitlines() if "dit_tokens.yaml" in line]
+    assert any("full" in row and "32,725,648" in row for row in rows), rows  # the seed's DiT-S on 8-feature tokens
 
 
 def test_unwritable_storage_exit_2_before_any_worker_starts(tmp_path):

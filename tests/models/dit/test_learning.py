@@ -26,9 +26,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_token_quick_stage_goes_from_chance_to_recognisable_samples(tmp_path, one_thread):
-    summary = train("dit", "quick", {}, LaunchConfig(num_workers=0, storage_path=str(tmp_path), name="quick-tokens"),
-                    experiment=REPO / "experiments" / "dit_tokens.yaml")
+@pytest.mark.parametrize("experiment", ["dit.yaml", "dit_tokens.yaml"])  # 8x8 images (`raylab train dit`'s default), 8-feature tokens
+def test_quick_stage_goes_from_chance_to_recognisable_samples(tmp_path, one_thread, experiment):
+    summary = train("dit", "quick", {}, LaunchConfig(num_workers=0, storage_path=str(tmp_path), name="quick"),
+                    experiment=REPO / "experiments" / experiment)
     rounds = summary.metrics.dropna(subset=["sample_label_accuracy"])
     table = rounds[["step", "sample_label_accuracy", "sample_label_accuracy_guided"]]
     assert rounds["step"].iloc[0] == 0 and rounds["sample_label_accuracy"].iloc[0] <= 0.3, table
