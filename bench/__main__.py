@@ -28,6 +28,7 @@ import json
 import sys
 import time
 import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.harness import REPO, load_average, machine
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in names:
         print(f"\n>> {name}: {MODULES[name]}", flush=True)
-        t0 = time.perf_counter()
+        t0, load0 = time.perf_counter(), load_average()
+        began = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
             if name in EXTRAS:
                 summary["measurements"][name] = run_extra(name, args.smoke, args.out)
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             summary["measurements"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             continue
+        report.load_before, report.started = load0, began  # the Report itself is built after the runs
         report.finish(time.perf_counter() - t0)
         files = report.save(args.out)
         report.print()

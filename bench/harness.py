@@ -90,6 +90,9 @@ def machine() -> dict[str, Any]:
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "platform", "models", "bench",
+                                "experiments"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        info["git_dirty"] = bool(dirty)  # code changed since that commit: the figures are not that commit's
     except (OSError, subprocess.SubprocessError):
         pass
     return info

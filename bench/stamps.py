@@ -9,9 +9,10 @@ subclass that appends a line to a file at the moments that matter:
     sample_start / sample_end      a sampling round
     evaluate_start / evaluate_end  an evaluation
     first_loss                     the first micro-batch's loss call: the first step
-    losses                         the wall clock and perf_counter at the start of every
-                                   loss call since the last flush (kept in memory, written at
-                                   the next evaluate / sample, outside any timed window)
+    losses                         the wall clock, perf_counter and the process's CPU time at
+                                   the start of every loss call since the last flush (kept in
+                                   memory, written at the next evaluate / sample, outside any
+                                   timed window)
 
 A loop that calls `loss` at the start of every step, whatever it does between
 steps (progress, TensorBoard, metrics, checkpoints, Ray reports), is timed by
@@ -71,13 +72,14 @@ def read_stamps(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def loss_clock(stamps: list[dict[str, Any]], rank: int = 0) -> list[float]:
-    """perf_counter at the start of every loss call of `rank`'s first process, in call order."""
+def loss_clock(stamps: list[dict[str, Any]], rank: int = 0, clock: str = "pcs") -> list[float]:
+    """A clock at the start of every loss call of `rank`'s first process, in call order:
+    `pcs` (perf_counter: wall time) or `cpus` (process_time: CPU seconds of that process, all its threads)."""
     batches = [s for s in stamps if s["event"] == "losses" and s.get("rank") == rank]
     if not batches:
         return []
     pid = batches[0]["pid"]  # a retried worker would be another process with its own clock
-    return [pc for s in sorted((s for s in batches if s["pid"] == pid), key=lambda s: s["first_call"]) for pc in s["pcs"]]
+    return [x for s in sorted((s for s in batches if s["pid"] == pid), key=lambda s: s["first_call"]) for x in s.get(clock, [])]
 
 
 def first(stamps: list[dict[str, Any]], event: str, rank: int | None = None) -> float | None:
@@ -95,7 +97,7 @@ def _timed_subclass(base: type) -> type:
 
         def build(self, cfg, ctx):
             self._bench_rank = ctx.world_rank
-            self._bench_losses: list[tuple[float, float]] = []
+            self._bench_losses: list[tuple[float, float, float]] = []
             stamp("build_start", rank=self._bench_rank)
             parts = super().build(cfg, ctx)
             stamp("build_end", rank=self._bench_rank)
@@ -103,15 +105,16 @@ def _timed_subclass(base: type) -> type:
 
         def loss(self, model, batch):
             self._bench_calls += 1
-            self._bench_losses.append((time.time(), time.perf_counter()))
+            self._bench_losses.append((time.time(), time.perf_counter(), time.process_time()))
             if self._bench_calls == 1:
                 stamp("first_loss", rank=self._bench_rank)
             return super().loss(model, batch)
 
         def flush_losses(self) -> None:
             if getattr(self, "_bench_losses", None):
-                t, pc = zip(*self._bench_losses)
-                stamp("losses", rank=self._bench_rank, first_call=self._bench_calls - len(t) + 1, times=list(t), pcs=list(pc))
+                t, pc, cpu = zip(*self._bench_losses)
+                stamp("losses", rank=self._bench_rank, first_call=self._bench_calls - len(t) + 1, times=list(t), pcs=list(pc),
+                      cpus=list(cpu))
                 self._bench_losses = []
 
         def evaluate(self, model, ctx):

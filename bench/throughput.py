@@ -15,6 +15,12 @@ window, and there is no evaluation or checkpoint inside it on either side
 (`eval_every_steps=0`, `checkpoint_every_batches=0`, no sampling, and the
 window ends before the first epoch does).
 
+Beside wall time, the same stamps carry the training process's CPU time
+(`time.process_time()`, all its threads): CPU ms per step is what the loop
+itself costs, and is far less sensitive than wall time to how much of the
+machine other work takes. On Ray it leaves out the controller's and the
+progress queue's processes (their share is in the wall time).
+
 Sides run interleaved (A B C D, D C B A, ...); figures are medians over rounds
 with min..max. With 2 workers each worker takes the same per-worker batch, so
 samples/s doubles at perfect scaling -- on a 2-core machine also running other
@@ -31,7 +37,7 @@ from bench.harness import (Report, bars, clean_work_dir, interleave, python_modu
 from bench.stamps import STAMPS_ENV, loss_clock, read_stamps
 
 NAME = "throughput"
-FULL = dict(per_class=400, batch=32, warmup=10, steps=60, rounds=3, threads=1,
+FULL = dict(per_class=1040, batch=32, warmup=10, steps=160, rounds=3, threads=1,
             sides=("plain", "raylab_w0", "raylab_w1", "raylab_w1_ray_defaults", "raylab_w2"))
 SMOKE = dict(per_class=8, batch=8, warmup=2, steps=8, rounds=1, threads=1, sides=("plain", "raylab_w0"))
 LABELS = {"plain": "plain PyTorch loop", "raylab_w0": "raylab --workers 0 (in-process)",
@@ -56,14 +62,15 @@ def side(p: dict[str, Any], work: Path, name: str, r: int, env: dict[str, str]) 
                            "--name", f"{name}-{r}", *args)
     extra = ray_defaults_env() if name.endswith("ray_defaults") else {}
     run = run_command(argv, work / f"{name}-{r}.log", {**env, **extra, STAMPS_ENV: str(stamps)})
-    clock = loss_clock(read_stamps(stamps))
-    if len(clock) != p["steps"]:
+    found = read_stamps(stamps)
+    clock, cpu = loss_clock(found), loss_clock(found, clock="cpus")
+    if len(clock) != p["steps"] or len(cpu) != p["steps"]:
         raise RuntimeError(f"{name}: expected {p['steps']} stamped steps, found {len(clock)} in {stamps}")
     intervals = p["steps"] - p["warmup"] - 1
     window = clock[-1] - clock[p["warmup"]]
     workers = max(1, int(name.split("_")[1][1])) if name.startswith("raylab") else 1
     return {"ms_per_step": 1000 * window / intervals, "samples_per_s": intervals * p["batch"] * workers / window,
-            "command_s": run.wall_s}
+            "cpu_ms_per_step": 1000 * (cpu[-1] - cpu[p["warmup"]]) / intervals, "command_s": run.wall_s}
 
 
 def measure(smoke: bool, rounds: int | None = None) -> Report:
@@ -82,15 +89,18 @@ def measure(smoke: bool, rounds: int | None = None) -> Report:
     report = Report(NAME, "Step throughput from outside: raylab vs a plain PyTorch loop (TinyImageNet quick model)",
                     "raylab --workers 1 within 2% of the plain loop's samples/s", __doc__.split("\n\n")[1].replace("\n", " "),
                     p, smoke, plot=_plot)
-    report.headers = ["side", "ms/step", "samples/s", "slowdown vs plain", "command s"]
+    cpu_base = stats["plain"]["cpu_ms_per_step"].median
+    report.headers = ["side", "ms/step", "samples/s", "slowdown vs plain", "CPU ms/step", "CPU vs plain", "command s"]
     for s in p["sides"]:
         st = stats[s]
         report.rows.append([LABELS[s], st["ms_per_step"].text(1), st["samples_per_s"].text(1),
                             "" if s == "plain" else f"{-ratio_pct(st['samples_per_s'].median, base):+.1f}%",
+                            st["cpu_ms_per_step"].text(1),
+                            "" if s == "plain" else f"{ratio_pct(st['cpu_ms_per_step'].median, cpu_base):+.1f}%",
                             st["command_s"].text(1)])
     report.figures = {s: {k: v for k, v in stats[s].items()} for s in p["sides"]}
-    slow = {s: -ratio_pct(stats[s]["samples_per_s"].median, base) for s in p["sides"] if s != "plain"}
-    report.figures["slowdown_pct_vs_plain"] = slow
+    report.figures["slowdown_pct_vs_plain"] = {s: -ratio_pct(stats[s]["samples_per_s"].median, base) for s in p["sides"] if s != "plain"}
+    report.figures["cpu_pct_vs_plain"] = {s: ratio_pct(stats[s]["cpu_ms_per_step"].median, cpu_base) for s in p["sides"] if s != "plain"}
     report.rounds = raw
     report.notes.append(f"{p['steps'] - p['warmup'] - 1} steps timed after {p['warmup']} warm-up steps, batch {p['batch']} "
                         f"per worker, {p['threads']} torch thread(s) per process, {p['rounds']} interleaved round(s)")

@@ -66,8 +66,8 @@ def sweep_child(params_path: str, out_path: str) -> None:
                                           "states": [t.state for t in result.trials]}))
 
 
-def trial_times(stamps: list[dict[str, Any]], timeline: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
-    """(each trial function's span in Ray's timeline, each trial worker's build-to-last-stamp span)."""
+def trial_times(stamps: list[dict[str, Any]], timeline: list[dict[str, Any]]) -> tuple[list[tuple[float, float]], list[float]]:
+    """((start, end) of each trial actor in Ray's timeline, each trial worker's build-to-last-stamp span)."""
     # Tune calls a function trainable's `train` once per reported result: a trial is its actor's
     # span from `__init__` to the end of its last `train` call.
     actors: dict[str, list[float]] = defaultdict(list)
@@ -75,7 +75,7 @@ def trial_times(stamps: list[dict[str, Any]], timeline: list[dict[str, Any]]) ->
         cat = str(e.get("cat", ""))
         if e.get("ph") == "X" and cat in ("task::ImplicitFunc.__init__", "task::ImplicitFunc.train"):
             actors[e["tid"]] += [e["ts"] / 1e6, (e["ts"] + e.get("dur", 0)) / 1e6]
-    spans = [max(v) - min(v) for v in actors.values()]
+    spans = [(min(v), max(v)) for v in actors.values()]
     by_pid: dict[int, list[float]] = defaultdict(list)
     for s in stamps:
         if s.get("rank") == 0:
@@ -101,9 +101,16 @@ def sweep(p: dict[str, Any], work: Path, r: int, env: dict[str, str]) -> dict[st
     ray_start = at.get("ray_start_end", 0) - at.get("ray_start_start", 0)
     concurrency = min(p["concurrency"], p["trials"])
     after_ray = wall - ray_start
-    return {"sweep_wall_s": wall, "ray_start_s": ray_start, "sum_trial_s": sum(spans), "sum_training_s": sum(training),
-            "mean_trial_s": sum(spans) / len(spans), "mean_training_s": sum(training) / len(training),
-            "tune_overhead_pct": 100 * (after_ray * concurrency / sum(spans) - 1),
+    trials = sum(b - a for a, b in spans)
+    # Where Tune's share goes: before the first trial actor starts (after Ray's start), after the
+    # last one ends, and the rest: the slots' idle time between one trial and the next.
+    before = min(a for a, _ in spans) - at.get("ray_start_end", at["sweep_start"])
+    after = at["sweep_end"] - max(b for _, b in spans)
+    return {"sweep_wall_s": wall, "ray_start_s": ray_start, "sum_trial_s": trials, "sum_training_s": sum(training),
+            "mean_trial_s": trials / len(spans), "mean_training_s": sum(training) / len(training),
+            "before_first_trial_s": before, "after_last_trial_s": after,
+            "idle_slot_s_between_trials": after_ray * concurrency - trials - (before + after) * concurrency,
+            "tune_overhead_pct": 100 * (after_ray * concurrency / trials - 1),
             "non_training_overhead_pct": 100 * (wall * concurrency / sum(training) - 1)}
 
 
@@ -134,6 +141,9 @@ def measure(smoke: bool, rounds: int | None = None) -> Report:
         ["  mean per trial, s", st["mean_trial_s"].text(1)],
         ["sum of training times (build to last evaluation), s", st["sum_training_s"].text(1)],
         ["  mean per trial, s", st["mean_training_s"].text(1)],
+        ["Tune's share: before the first trial starts (after Ray's start), s", st["before_first_trial_s"].text(1)],
+        ["  after the last trial ends, s", st["after_last_trial_s"].text(1)],
+        [f"  idle slot time between trials (all {min(p['concurrency'], p['trials'])} slots), s", st["idle_slot_s_between_trials"].text(1)],
         [f"Tune overhead: wall after Ray start x {min(p['concurrency'], p['trials'])} / sum of trials - 1", f"{st['tune_overhead_pct'].text(1)}%"],
         [f"not training: wall x {min(p['concurrency'], p['trials'])} / sum of training - 1", f"{st['non_training_overhead_pct'].text(1)}%"],
     ]
