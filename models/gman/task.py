@@ -77,6 +77,8 @@ class GmanTask:
             "input_mean": self.data.mean, "input_std": self.data.std,
             "split_samples": {"train": len(self.data.train), "val": len(self.data.val), "test": len(self.data.test)},
         }
+        if cfg.data_path is not None and cfg.se_path is None:  # users often have only the h5: say what stands in for node2vec
+            metadata["notices"] = [f"spatial embedding: {self.data.se_source}"]
         return TfParts(
             model=model, make_optimizer=lambda steps_per_epoch, _scheduled: make_optimizer(cfg, steps_per_epoch),
             train_data=self.data.train, metadata=metadata, jit_compile=cfg.xla,

@@ -114,6 +114,13 @@ def test_without_se_file_a_spectral_embedding_is_derived_and_said_so(traffic_fil
     assert np.abs(data.spatial_embedding[:, :5]).sum() > 0 and not data.spatial_embedding[:, 5:].any()  # 5 = N - 1 eigenvectors
     again = load_traffic(h5, None, P=12, Q=12, se_dims=64, train_ratio=0.7, test_ratio=0.2)
     np.testing.assert_array_equal(again.spatial_embedding, data.spatial_embedding)
+    # The run says so when it starts (a task notice, shown as a note on the display).
+    from models.gman.config import GmanConfig
+    from models.gman.task import GmanTask
+    from raylab.task import TaskContext
+
+    parts = GmanTask().build(GmanConfig(data_path=h5, L=1, K=2, d=2), TaskContext())
+    assert parts.metadata["notices"] == [f"spatial embedding: {data.se_source}"]
 
 
 def test_laplacian_embedding_orders_a_chain_along_its_first_vector():
