@@ -150,7 +150,8 @@ def load_checkpoint(checkpoint: str | Path, device: str = "cpu") -> LoadedCheckp
         if framework_of(task) == "tensorflow":
             from raylab.tf_loop import MODEL_FILE, build_for_inference
 
-            model, weights = build_for_inference(task, cfg, ctx, directory), MODEL_FILE
+            model = build_for_inference(task, cfg, ctx, directory)
+            weights = EMA_WEIGHTS if (directory / EMA_WEIGHTS).is_file() else MODEL_FILE
             return LoadedCheckpoint(name, task, cfg, model, ctx, state, weights, folder_name)
         torch.manual_seed(cfg.seed)
         builder = getattr(task, "build_for_sampling", None)

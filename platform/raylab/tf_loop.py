@@ -13,6 +13,8 @@ position, data plan, cadence, reports, state.json and the replica check.
 - Loss scaling: a task returns (loss sum, weight) per micro-batch; the step
   divides by the weight summed over all workers, so N workers x batch B give
   the gradients of 1 worker x batch N*B (up to float summation order).
+- EMA (`ema_decay`): `raylab.tf_ema`, updated after each step, swapped in for
+  evaluation and sampling, saved as `ema.safetensors`.
 - Checkpoints: every `model.variables` and `optimizer.variables` (its
   `iterations` included: the LR schedule and Adam's bias correction resume from
   it) as safetensors through numpy, keyed by variable path; the optimizer is
@@ -26,6 +28,7 @@ position, data plan, cadence, reports, state.json and the replica check.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -35,10 +38,11 @@ from typing import Any, Iterable
 import numpy as np
 
 from raylab.checkpoint import CheckpointError, read_checkpoint_state
-from raylab.config import ConfigError, TrainConfig
+from raylab.config import TrainConfig
 from raylab.loop_core import RunPlan, run_loop
 from raylab.session import Session
 from raylab.task import SampleOutput, TaskContext, TfTask, task_name_of
+from raylab.tf_ema import KerasEma, load_ema_weights
 
 __all__ = ["TF_ENV", "TfStepper", "build_for_inference", "configure_tensorflow", "train_tf"]
 
@@ -150,7 +154,9 @@ def build_for_inference(task: TfTask, cfg: TrainConfig, ctx: TaskContext, direct
 
     keras.utils.set_random_seed(cfg.seed)
     model = task.build(cfg, ctx).model
-    load_variables(directory / MODEL_FILE, variables_by_path(model.variables, "model"))
+    variables = variables_by_path(model.variables, "model")
+    load_variables(directory / MODEL_FILE, variables)
+    load_ema_weights(directory, variables)  # EMA weights when the run kept them
     return model
 
 
@@ -160,8 +166,6 @@ class TfStepper:
     framework = "tensorflow"
 
     def __init__(self, task: TfTask, cfg: TrainConfig, session: Session):
-        if cfg.ema_decay:
-            raise ConfigError("ema_decay is not supported by the TensorFlow loop yet; drop it for this model.")
         self.settings = configure_tensorflow()
         import keras
 
@@ -177,6 +181,7 @@ class TfStepper:
         self.num_samples = len(self.parts.train_data)
         self.weights = variables_by_path(self.model.variables, "model")
         self.seed_states = {k: v for k, v in self.weights.items() if k.endswith(SEED_STATE)}
+        self.ema = KerasEma(self.weights, self.model.trainable_variables, cfg.ema_decay) if cfg.ema_decay else None
         self.evaluations: list[dict[str, float]] = []  # every evaluation's metrics, for early stopping
 
     # -- schedule, state on disk, RNG ------------------------------------------------
@@ -194,6 +199,8 @@ class TfStepper:
         load_variables(directory / OPTIMIZER_FILE, self.slots)
         evaluations = directory / EVALUATIONS_FILE
         self.evaluations = json.loads(evaluations.read_text()) if evaluations.is_file() else []
+        if self.ema is not None:
+            self.ema.load(directory)
         saved = read_checkpoint_state(directory, verify=False).get("task_metadata", {}).get("tensorflow", {})
         differs = {k: (saved.get(k), v) for k, v in self.settings.items() if k in saved and saved[k] != v}
         if differs and self.ctx.is_main:
@@ -211,12 +218,16 @@ class TfStepper:
                                keep=lambda path: path.endswith(SEED_STATE) or path.rsplit("/", 1)[-1] in own)
         for key in report.loaded:
             self.weights[key].assign(saved[key])
+        if self.ema is not None:
+            self.ema.reset()  # the average starts at the warm weights
         return report
 
     def save(self, directory: Path) -> None:
         save_variables(directory / MODEL_FILE, self.weights)
         save_variables(directory / OPTIMIZER_FILE, self.slots)
         (directory / EVALUATIONS_FILE).write_text(json.dumps(self.evaluations))
+        if self.ema is not None:
+            self.ema.save(directory)
 
     def capture_rng(self) -> dict[str, Any]:
         numpy_state = np.random.get_state(legacy=False)
@@ -311,14 +322,21 @@ class TfStepper:
         return {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
 
     def optimizer_step(self) -> None:
-        pass  # applied by the step's last micro-batch, inside the same strategy.run
+        # The step itself was applied by the last micro-batch, inside the same strategy.run.
+        if self.ema is not None:
+            self.ema.update()
 
     def learning_rate(self) -> float:
         return float(self.optimizer.learning_rate)
 
     # -- evaluation and sampling --------------------------------------------------------
+    def _inference_weights(self):
+        """EMA weights for evaluation and sampling when on, the live ones otherwise."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+
     def evaluate(self) -> dict[str, float]:
-        result = {k: float(v) for k, v in self.task.evaluate(self.model, self.ctx).items()}
+        with self._inference_weights():
+            result = {k: float(v) for k, v in self.task.evaluate(self.model, self.ctx).items()}
         self.evaluations.append(result)
         if self.should_stop() and self.ctx.is_main:
             self.session.progress({"notice": f"early stopping after evaluation {len(self.evaluations)}: no improvement "
@@ -331,7 +349,8 @@ class TfStepper:
         return bool(decide and self.evaluations and decide(self.evaluations))
 
     def sample(self, n: int) -> SampleOutput:
-        out = self.task.sample(self.model, n, self.ctx)
+        with self._inference_weights():
+            out = self.task.sample(self.model, n, self.ctx)
         return out if isinstance(out, SampleOutput) else SampleOutput(samples=list(out))
 
     def fingerprint(self) -> list[float]:

@@ -138,3 +138,22 @@ def test_raylab_sample_rebuilds_a_tensorflow_checkpoint_and_forecasts(whole, tmp
     # The stored weights, not a fresh initialisation: the same window's forecast as the run's last sampling round.
     last_round = json.loads(sorted((Path(whole.latest_checkpoint).parent / "samples").glob("step_*.json"))[-1].read_text())
     assert last_round["samples"][0]["forecast"] == first["forecast"]
+
+
+def test_ema_is_what_evaluation_sees_saved_and_resumed_bit_identically(storage, traffic_files, whole, tmp_path):
+    from raylab.sampling import sample_checkpoint
+
+    ema = run_local(storage, "ema", tiny_overrides(traffic_files, seed=2, ema_decay=0.8))
+    live, averaged = tensors(ema.latest_checkpoint), safetensors.numpy.load_file(str(Path(ema.latest_checkpoint) / "ema.safetensors"))
+    # EMA never changes training: the live weights are those of the same run without it ...
+    assert_identical(tensors(whole.latest_checkpoint), live)
+    # ... but the shadow differs from them, and evaluation scored the shadow.
+    kernels = [k for k in averaged if k.endswith("kernel")]
+    assert kernels and any(not np.array_equal(averaged[k], live[k]) for k in kernels)
+    assert not any(k.endswith("seed_generator_state") for k in averaged)
+    assert ema.final["val_mae"] != whole.final["val_mae"]
+    split = run_local(storage, "ema-split", tiny_overrides(traffic_files, seed=2, ema_decay=0.8, max_steps=5))
+    resumed = run_local(storage, "ema-split", tiny_overrides(traffic_files, seed=2, ema_decay=0.8))
+    assert read_checkpoint_state(split.latest_checkpoint)["position"]["global_step"] == 5
+    assert_identical(averaged, safetensors.numpy.load_file(str(Path(resumed.latest_checkpoint) / "ema.safetensors")))
+    assert sample_checkpoint(ema.latest_checkpoint, n=1).payload["weights"] == "ema.safetensors"
