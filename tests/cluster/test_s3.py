@@ -1,7 +1,9 @@
 """Runs stored on S3 (a real S3-compatible server, moto's server mode, on loopback):
 train -> driver killed -> resume finishes from the stored checkpoint, paths keep the
 s3:// scheme, then `ckpt list`, `ckpt clean`, `sample` and `report` work on the same
-s3:// run; the server stopped mid-run makes the run fail loudly in one sentence.
+s3:// run; a ladder whose first stage is an lr search runs its Tune trials on the head and
+warm-starts the next stage from the best checkpoint stored on S3; the server stopped
+mid-run makes the run fail loudly in one sentence.
 
 Runs join a head of this module's own with --address, so a killed driver leaves
 nothing behind but what the head's teardown stops.
@@ -99,6 +101,36 @@ def check_tools_on_s3(s3, storage: str, tmp_path) -> None:
 
     raylab("report", "run", "--storage", storage)
     assert "kill-resume/run/results.parquet" in s3.keys("kill-resume/run/")
+
+
+def test_a_ladder_on_s3_searches_then_warm_starts_from_the_stored_best(head, s3, tiny, tmp_path):
+    import yaml
+
+    defaults = {k: v for k, v in tiny(max_epochs=1, num_samples=0).items()}  # 12 steps per trial
+    body = {"model": "tinyimagenet", "defaults": defaults,
+            "stages": {"quick": {}, "medium": {"width": 8}},
+            "ladder": {"metric": "val_accuracy"},
+            "search": {"quick": {"space": {"lr": "grid(1e-7, 3e-3)"}, "samples": 1, "scheduler": "fifo"}}}
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(yaml.safe_dump(body))
+    storage = s3.uri("ladder")
+    proc = subprocess.run([RAYLAB, "ladder", "tinyimagenet", "--experiment", str(experiment), "--address", head.address,
+                           "--storage", storage, "--name", "lad"], env=head.env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fs, path = pafs.FileSystem.from_uri(storage)
+    with fs.open_input_stream(f"{path}/lad/ladder.json") as fh:
+        state = json.loads(fh.read())
+    quick, medium = state["stages"]["quick"], state["stages"]["medium"]
+    assert state["status"] == "finished" and quick["params"] == {"lr": 3e-3}  # the search ran, the useful lr won
+    assert quick["best_checkpoint"].startswith("s3://raylab/ladder/lad/quick/trial_001/checkpoint_")
+    # warm-started from that checkpoint on S3 (the stored URI keeps the server's query, to be read back)
+    assert medium["init_from"] == quick["best_checkpoint"] + "?" + storage.split("?", 1)[1]
+    with fs.open_input_stream(f"{path}/lad/medium/trial_000/warm_start.json") as fh:
+        counts = json.loads(fh.read())["counts"]
+    assert counts["skipped_shape"] > 0 and counts["new"] == 0  # width 4 -> 8: matched by name, shapes differ
+    keys = s3.keys("ladder/lad/")
+    assert any(k.startswith("ladder/lad/medium/trial_000/checkpoint_") for k in keys)
+    assert {"ladder/lad/quick/trial_000/metrics.parquet", "ladder/lad/quick/trial_001/metrics.parquet"} <= set(keys)
 
 
 def test_s3_server_stopped_mid_run_fails_in_one_sentence(head, own_s3, tiny, tmp_path):
