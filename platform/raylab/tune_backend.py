@@ -179,7 +179,7 @@ def _domain(dim: Dimension) -> Any:
 
 
 def _scheduler(s: TuneSettings) -> Any:
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
 
     if s.scheduler == "asha":
         max_t = s.max_steps or 10**9  # rungs past the end of training are never reached
@@ -188,10 +188,32 @@ def _scheduler(s: TuneSettings) -> Any:
         return AsyncHyperBandScheduler(time_attr="step", max_t=max(max_t, s.grace_steps), grace_period=s.grace_steps,
                                        reduction_factor=s.reduction_factor, stop_last_trials=False)
     if s.scheduler == "hyperband":
-        return HyperBandScheduler(time_attr="step", max_t=s.max_steps, reduction_factor=s.reduction_factor, stop_last_trials=False)
+        # Asynchronous HyperBand: ASHA run over several brackets, each with a grace period
+        # reduction_factor times the last, trials spread over them. Tune's synchronous
+        # HyperBandScheduler pauses trials until a bracket fills; a paused raylab trial would
+        # stop its Ray Train run, and with fewer trials than a bracket holds nothing is ever
+        # stopped (seen with 4 trials): the asynchronous form has neither problem. Tune draws
+        # each trial's bracket from numpy's global generator: seeded by the sweep's seed, the
+        # same sweep spreads its trials the same way.
+        if s.seed is not None:
+            import numpy as np
+
+            np.random.seed(s.seed)
+        return AsyncHyperBandScheduler(time_attr="step", max_t=s.max_steps, grace_period=s.grace_steps,
+                                       reduction_factor=s.reduction_factor, brackets=hyperband_brackets(s),
+                                       stop_last_trials=False)
     if s.scheduler == "median":
         return MedianStoppingRule(time_attr="step", grace_period=s.grace_steps, min_samples_required=2)
     return FIFOScheduler()
+
+
+def hyperband_brackets(s: TuneSettings) -> int:
+    """How many brackets fit between the grace period and the budget (at most 3): bracket k
+    first judges trials at grace_steps * reduction_factor**k steps."""
+    brackets, first_rung = 1, s.grace_steps * s.reduction_factor
+    while brackets < 3 and s.max_steps and first_rung < s.max_steps:
+        brackets, first_rung = brackets + 1, first_rung * s.reduction_factor
+    return brackets
 
 
 def _search(s: TuneSettings) -> Any:

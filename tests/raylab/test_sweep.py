@@ -127,16 +127,20 @@ def wait_for_free_cpus(timeout_s: float = 60.0) -> tuple[float, float]:
 
 
 @pytest.mark.ray
-def test_asha_stops_a_bad_trial_early_and_the_sweep_finishes(tmp_path, tiny_data):
-    # Two learning rates, each twice: at the first rung (step 6) the tiny lr's val_loss is the
-    # worse one, so ASHA (keep 1 in 2) stops at least one of its trials.
-    experiment = write_experiment(tmp_path, tiny_data, stages={"quick": {"max_steps": 12, "eval_every_steps": 6}})
+@pytest.mark.parametrize(("scheduler", "grace"), [("asha", 6), ("hyperband", 3), ("median", 3)])
+def test_a_scheduler_stops_a_bad_trial_early_and_the_sweep_finishes(tmp_path, tiny_data, scheduler, grace):
+    # Two learning rates, each twice: at the first rung the tiny lr's val_loss is the worse one,
+    # so ASHA (keep 1 in 2), asynchronous HyperBand (2 brackets: rungs from step 3 and from
+    # step 6) and the median rule (worse than the median of the others) stop one of its trials.
+    evals = 6 if scheduler == "asha" else 3
+    experiment = write_experiment(tmp_path, tiny_data, stages={"quick": {"max_steps": 12, "eval_every_steps": evals}})
     storage = tmp_path / "runs"
     result = runner.invoke(app, sweep_args(experiment, storage, "--space", "lr=grid(1e-7,3e-3)", "--samples", "2",
-                                           "--scheduler", "asha", "--grace-steps", "6", "--reduction-factor", "2",
+                                           "--scheduler", scheduler, "--grace-steps", str(grace), "--reduction-factor", "2",
                                            "--metric", "val_loss", "--name", "asha"))
     assert result.exit_code == 0, result.output
     record = json.loads((storage / "asha" / "sweep.json").read_text())
+    assert record["fingerprint"]["search"]["scheduler"] == scheduler
     trials = record["trials"]
     assert sorted(trials) == ["trial_000", "trial_001", "trial_002", "trial_003"]
     assert all(t["status"] == "TERMINATED" for t in trials.values()), trials
