@@ -58,13 +58,16 @@ class GmanTask:
     framework = "tensorflow"
     headline_metrics = ("loss", "mae", "mae_h12", "last_value_mae_h12", "historical_average_mae_h12")
 
-    def build(self, cfg: GmanConfig, ctx: TaskContext) -> TfParts:
-        if cfg.xla and cfg.sync_batchnorm and ctx.world_size > 1:
+    def check_workers(self, cfg: GmanConfig, world_size: int) -> None:
+        if cfg.xla and cfg.sync_batchnorm and world_size > 1:
             # XLA cannot compile BatchNorm's all-reduce inside the step (TensorFlow: merge_call in a nested function).
             raise ConfigError(
-                f"xla=true cannot compile a step whose BatchNorm synchronises {ctx.world_size} workers; "
-                "set xla=false, or sync_batchnorm=false (each worker then normalises with its own batch statistics)."
+                f"--workers {world_size}: xla=true cannot compile a step whose BatchNorm synchronises {world_size} workers; "
+                "add --set xla=false, or --set sync_batchnorm=false (each worker then normalises with its own batch statistics)."
             )
+
+    def build(self, cfg: GmanConfig, ctx: TaskContext) -> TfParts:
+        self.check_workers(cfg, ctx.world_size)  # also for Python callers that skip raylab.launch
         h5, se = data_files(cfg)
         self.cfg = cfg
         self.data = load_traffic(h5, se, P=cfg.P, Q=cfg.Q, se_dims=cfg.se_dims, train_ratio=cfg.train_ratio,

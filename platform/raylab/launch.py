@@ -25,7 +25,7 @@ from raylab.checkpoint_store import display_path, scan_checkpoints
 from raylab.config import ConfigError, LaunchConfig, TrainConfig, resolve_config
 from raylab.plots import write_curves
 from raylab.run_storage import read_metrics, run_filesystem
-from raylab.task import TorchTask, get_task
+from raylab.task import TorchTask, check_workers, get_task
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -121,6 +121,7 @@ def train(
     """Train one stage of a model; returns its metrics and where its checkpoints are."""
     launch = launch or LaunchConfig()
     task, cfg = prepare(task_name, stage, overrides, experiment)
+    check_workers(task, cfg, launch.num_workers)
     name = check_run_name(launch.name or f"{task_name}-{stage}-{datetime.now():%Y%m%d-%H%M%S}")
     storage = launch.storage_path
     if "://" not in storage:

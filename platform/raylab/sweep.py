@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from raylab.config import ConfigError, LaunchConfig, TrainConfig, metric_mode, read_experiment, validate_config
 from raylab.search_space import BATCH_FIELDS, Dimension, LrScaling, check_space, parse_space_mapping, parse_space_option
 from raylab.sweep_display import SweepTable, TrialRow
+from raylab.task import check_workers
 
 SWEEP_FILE = "sweep.json"
 DEFAULT_METRIC = "val_loss"
@@ -190,6 +191,7 @@ def plan_sweep(
     check_space(task.config_cls, base.model_dump(), dims, source)
     base = _keep_best_checkpoint(base, spec)
     _check_settings(spec, dims, base, launch)
+    check_workers(task, base, launch.num_workers)
     name = check_run_name(name or launch.name or f"{task_name}-{stage}-sweep")
     return SweepPlan(task_name, stage, name, resolve_storage(launch.storage_path), base, dims, spec, launch, str(path))
 

@@ -157,6 +157,14 @@ class TfTask(Protocol):
     def num_parameters(self, cfg: TrainConfig) -> int: ...
 
 
+def check_workers(task: Any, cfg: TrainConfig, num_workers: int) -> None:
+    """Before Ray starts: a task may refuse a config at a worker count (`check_workers(cfg,
+    world_size)` raising ConfigError; optional), so the mistake costs no cluster start."""
+    check = getattr(task, "check_workers", None)
+    if check is not None:
+        check(cfg, max(1, num_workers))
+
+
 def framework_of(task: Any) -> str:
     """Which loop trains a task: "torch" unless it says otherwise (`framework = "tensorflow"`)."""
     return getattr(task, "framework", "torch")
