@@ -100,6 +100,25 @@ def metric_mode(name: str) -> Literal["min", "max"]:
     return "min" if any(part in name.lower() for part in _LOWER_IS_BETTER) else "max"
 
 
+_METRIC_KINDS = ("val", "sample", "train")
+
+
+def missing_metric(metric: str, reported: dict[str, Any]) -> str | None:
+    """A sweep's metric that a report shows will never come: the report carries metrics of its
+    kind (val_, sample_, train_) but not it -- e.g. val_acuracy at the first evaluation. Returns
+    the sentence to stop the trial with (seconds in, not a whole stage later), else None."""
+    import difflib
+
+    kind = metric.split("_", 1)[0]
+    same_kind = sorted(k for k in reported if k.startswith(f"{kind}_"))
+    if kind not in _METRIC_KINDS or metric in reported or not same_kind:
+        return None
+    close = difflib.get_close_matches(metric, same_kind, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return (f"the sweep's metric '{metric}' is not among the {kind}_ metrics this run reports ({', '.join(same_kind)}){hint}; "
+            "choose one with --metric, or ladder.metric in the experiment file.")
+
+
 def make_launch_config(**values: Any) -> LaunchConfig:
     """LaunchConfig from command-line values; a bad one is a ConfigError naming the flag."""
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from raylab.cache import raylab_environment
-from raylab.config import LaunchConfig, TrainConfig
+from raylab.config import ConfigError, LaunchConfig, TrainConfig, missing_metric
 from raylab.recovery import named_checkpoint, ray_registry_latest, reconcile_ray_registry
 from raylab.retention import RetentionPolicy
 from raylab.run_storage import run_filesystem
@@ -48,6 +48,7 @@ _EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_
 # Tune stopped (ASHA) is gone, its workers' CPUs leak and the sweep hangs (RAY_NOTES).
 # Concurrency is limited by the search algorithm, not by the number of slots.
 TRIAL_RESOURCE = "trial_slot"
+SWEEP_METRIC_ENV = "RAYLAB_SWEEP_METRIC"  # set for a trial's workers: a report lacking it stops the trial
 _TUNE_EMBEDDED = {"include_dashboard": True, "resources": {TRIAL_RESOURCE: 1000}}
 # Each ray.train.report waits for the controller's next poll (default every 2 s): a
 # sweep reports at every evaluation, so poll faster.
@@ -174,6 +175,7 @@ class RaySession:
         self._queue = progress_queue
         notify = lambda text: self.progress({"notice": text})  # noqa: E731
         self.checkpoints = RunCheckpoints(self.run_fs, self.run_path, retention or RetentionPolicy(None), notify)
+        self._sweep_metric = os.environ.get(SWEEP_METRIC_ENV)  # a Tune trial's ranking metric (raylab.tune_backend)
         self._test_dir = os.environ.get("RAYLAB_TEST_PID_DIR")  # lets the recovery tests kill a real worker by pid
         if self._test_dir:
             Path(self._test_dir, f"rank{self.world_rank}.pid").write_text(str(os.getpid()))
@@ -206,6 +208,10 @@ class RaySession:
             stale = f"{self.run_path}/{checkpoint_name}"
             if self.run_fs.get_file_info(stale).type != pafs.FileType.NotFound:
                 self.run_fs.delete_dir(stale)  # a corrupt folder at this position, skipped on resume
+        if self._sweep_metric and self.world_rank == 0:
+            problem = missing_metric(self._sweep_metric, metrics)
+            if problem:
+                raise ConfigError(problem)
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name)
         if checkpoint_dir is not None:

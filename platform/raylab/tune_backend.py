@@ -127,11 +127,12 @@ def _write_json(fs: Any, path: str, data: dict[str, Any]) -> None:
 def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     """One trial, in its Tune actor: typed config, the run's trainer, fit."""
     from raylab.plots import write_curves
-    from raylab.ray_backend import first_worker_error, make_trainer
+    from raylab.ray_backend import SWEEP_METRIC_ENV, first_worker_error, make_trainer
     from raylab.run_storage import read_metrics, run_filesystem
     from raylab.task import get_task
 
     os.environ.update(plan.env)
+    os.environ[SWEEP_METRIC_ENV] = plan.metric  # the workers stop at the first report that shows it will never come
     task = get_task(plan.task)
     base = task.config_cls.model_validate(plan.base_config)
     name = ray.tune.get_context().get_trial_name()
@@ -160,7 +161,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     columns = set(metrics.columns)
     if plan.metric not in columns:
         known = ", ".join(sorted(c for c in columns if c.startswith(("val_", "train_", "sample_")))) or "none"
-        record["error"] = f"the run never reported metric '{plan.metric}' (it reports: {known}); choose one of those with --metric"
+        record["error"] = f"the run never reported metric '{plan.metric}' (it reports: {known}); choose one of those with --metric, or ladder.metric in the experiment file"
         _write_json(fs, f"{run_path}/{TRIAL_FILE}", record)
         raise TrialFailed(record["error"])
 

@@ -199,3 +199,30 @@ def test_same_name_with_other_settings_is_refused(tmp_path, tiny_data):
     other = plan_sweep("tinyimagenet", "quick", {"samples": 2}, launch, experiment=experiment, space_options=["lr=loguniform(1e-3,1e-2)"])
     with pytest.raises(ConfigError, match=r"was started with other settings \(space .*1e-3|0\.001.*choose a new --name"):
         SweepRecord(pafs.LocalFileSystem(), str(tmp_path / "runs" / "same"), other).open()
+
+
+def test_missing_metric_is_told_by_a_report_of_its_kind():
+    from raylab.config import missing_metric
+
+    evaluation = {"step": 3, "train_loss": 1.0, "val_loss": 1.2, "val_accuracy": 0.5}
+    message = missing_metric("val_acuracy", evaluation)
+    assert message and "'val_acuracy' is not among the val_ metrics this run reports (val_accuracy, val_loss)" in message
+    assert "(did you mean val_accuracy?)" in message
+    assert missing_metric("val_accuracy", evaluation) is None
+    assert missing_metric("val_accuracy", {"step": 2, "train_loss": 1.0}) is None  # not an evaluation: cannot tell yet
+    assert missing_metric("sample_label_accuracy", evaluation) is None  # sampling rounds come on their own cadence
+    assert missing_metric("vall_loss", evaluation) is None  # no known kind: judged when the trial ends
+
+
+@pytest.mark.ray
+def test_a_misspelt_metric_stops_the_trial_at_its_first_evaluation(tmp_path, tiny_data):
+    experiment = write_experiment(tmp_path, tiny_data, stages={"quick": {"max_steps": 12, "eval_every_steps": 3}})
+    storage = tmp_path / "runs"
+    result = runner.invoke(app, sweep_args(experiment, storage, "--metric", "val_acuracy", "--name", "typo"))
+    assert result.exit_code == 1, result.output
+    assert "(did you mean val_accuracy?)" in " ".join(result.output.split())
+    trial = json.loads((storage / "typo" / "trial_000" / "trial.json").read_text())
+    assert "ConfigError: the sweep's metric 'val_acuracy' is not among the val_ metrics" in trial["error"]
+    # stopped at the report of the first evaluation (step 3), before its metrics row: not after the whole budget
+    assert not (storage / "typo" / "trial_000" / "metrics.parquet").exists()
+    assert not list((storage / "typo" / "trial_000").glob("checkpoint_*"))
