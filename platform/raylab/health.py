@@ -13,9 +13,10 @@ section (warn | stop | off).
 at a few named points: `start`, `before_micro_batch`, `after_micro_batch`,
 `after_optimizer_step`, `after_inference`. Checks that need framework tensors
 (gradients, parameters, modes, the model's output) live in a probe the stepper
-supplies (`raylab.torch_health.TorchProbe`); without one (e.g. TensorFlow) the
-neutral `ArrayProbe` still checks batches and labels through numpy, and the
-metric-trend checks (`raylab.health_trends`) need only the loss, accuracy and lr.
+supplies (`raylab.torch_health.TorchProbe`; `raylab.tf_health.KerasProbe` for the
+gradient checks of TensorFlow tasks); the neutral `ArrayProbe` checks batches and
+labels through numpy, and the metric-trend checks (`raylab.health_trends`) need
+only the loss, accuracy and lr.
 
 A finding is shown once as a notice, goes into the next metrics.parquet row's
 `health` column and into `<run>/health.json` (rank 0 writes). `stop` raises
@@ -100,6 +101,11 @@ class TaskFacts:
             except Exception:  # naming must never be what breaks a run
                 pass
         return f"#{index}"
+
+
+def name_list(names: list[str], limit: int = 4) -> str:
+    """'a, b, c, d and 3 more': parameter or variable names in a finding."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def leaves(batch: Any, path: str = "batch") -> Iterator[tuple[str, Any]]:

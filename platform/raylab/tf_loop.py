@@ -183,6 +183,13 @@ class TfStepper:
         self.seed_states = {k: v for k, v in self.weights.items() if k.endswith(SEED_STATE)}
         self.ema = KerasEma(self.weights, self.model.trainable_variables, cfg.ema_decay) if cfg.ema_decay else None
         self.evaluations: list[dict[str, float]] = []  # every evaluation's metrics, for early stopping
+        self.gradless: set[str] = set()  # trainable variables the loss gives no gradient (noted while tracing)
+        self.grad_nonfinite: np.ndarray | None = None  # per trainable variable: workers with NaN/inf in its last gradient
+
+    def health_probe(self):
+        from raylab.tf_health import KerasProbe
+
+        return KerasProbe(self)
 
     # -- schedule, state on disk, RNG ------------------------------------------------
     def start_schedule(self, scheduled_steps: int) -> None:
@@ -263,6 +270,7 @@ class TfStepper:
 
         model, task, optimizer, cfg = self.model, self.task, self.optimizer, self.cfg
         trainable = model.trainable_variables
+        gradless, check_grads = self.gradless, cfg.health.active("nonfinite_grads")
         accumulators = []
         if cfg.grad_accum_steps > 1:
             with self.strategy.scope():  # one private copy per worker, read and written in replica context
@@ -273,6 +281,7 @@ class TfStepper:
             with tf.GradientTape() as tape:
                 loss_sum, weight, metrics = task.loss(model, batch)
             grads = tape.gradient(loss_sum, trainable)
+            gradless.update(v.path for g, v in zip(grads, trainable) if g is None)  # Python: runs while tracing
             return [tf.zeros_like(v) if g is None else g for g, v in zip(grads, trainable)], loss_sum, weight, metrics
 
         if self.parts.jit_compile:
@@ -289,6 +298,10 @@ class TfStepper:
             grads = [g * factor + a for g, a in zip(grads, accumulators)] if accumulators else [g * factor for g in grads]
             if metrics:
                 metrics = context.all_reduce(tf.distribute.ReduceOp.MEAN, {k: tf.cast(v, tf.float32) for k, v in metrics.items()})
+            nonfinite = tf.zeros([0])
+            if apply and check_grads:  # health check nonfinite_grads: per variable, summed over the workers
+                nonfinite = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.stack(
+                    [tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(g))), tf.float32) for g in grads]))
             if not apply:
                 for a, g in zip(accumulators, grads):
                     a.assign(g)
@@ -300,7 +313,7 @@ class TfStepper:
                 optimizer.apply_gradients(zip(grads, trainable))
                 for a in accumulators:
                     a.assign(tf.zeros_like(a))
-            return tf.math.divide_no_nan(loss_sum, weight), metrics
+            return tf.math.divide_no_nan(loss_sum, weight), metrics, nonfinite
 
         self._steps = {
             apply: tf.function(lambda batch, apply=apply: self.strategy.run(replica_step, args=(batch, apply)))
@@ -318,7 +331,9 @@ class TfStepper:
 
     def train_micro_batch(self, batch: Any, step_ends: bool, accum: int) -> dict[str, float]:
         """Forward and backward; on the last micro-batch of a step the optimizer step too (see _compile_steps)."""
-        loss, metrics = self._steps[step_ends](batch)
+        loss, metrics, nonfinite = self._steps[step_ends](batch)
+        if step_ends:
+            self.grad_nonfinite = np.asarray(nonfinite) if nonfinite.shape[0] else None
         return {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
 
     def optimizer_step(self) -> None:

@@ -31,11 +31,8 @@ import numpy as np
 import torch
 
 from raylab.health import ArrayProbe, leaves
+from raylab.health import name_list as _names
 from raylab.health_config import HealthConfig
-
-
-def _names(names: list[str], limit: int = 4) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:

@@ -148,7 +148,10 @@ def test_killed_driver_continues_without_repeating_the_finished_stage(tmp_path, 
             state = json.loads((folder / "ladder.json").read_text())
         except (OSError, ValueError):
             return False
-        return state["stages"].get("quick", {}).get("status") == "done" and any((folder / "medium" / "trial_000").glob("checkpoint_*"))
+        trial = folder / "medium" / "trial_000"
+        # a checkpoint folder appears (Ray's upload) before the report writes metrics.parquet: wait for both
+        return state["stages"].get("quick", {}).get("status") == "done" and any(trial.glob("checkpoint_*")) \
+            and (trial / "metrics.parquet").is_file()
 
     try:
         wait_until(medium_checkpointed, 400, first)
