@@ -10,7 +10,8 @@ CPUs fit (`concurrency`). Figures, each from this one run:
 - sweep wall: `run_sweep` start to end by the process's clock; also without
   the embedded Ray's start (a fixed cost, paid once per sweep);
 - a trial's time: its Tune trial actor in Ray's task timeline, from its
-  `__init__` to the end of its last `train` call (Tune calls a function
+  `__init__` (or, in an actor a fifo sweep reuses, the `reset` that hands it
+  the trial) to the end of its last `train` call (Tune calls a function
   trainable's `train` once per reported result), which holds Ray Train's
   start-up for the trial, the training and the teardown; and its training alone: the first stamp of the trial's worker
   (task build) to its last (the final evaluation), from `bench.stamps`;
@@ -68,14 +69,26 @@ def sweep_child(params_path: str, out_path: str) -> None:
 
 def trial_times(stamps: list[dict[str, Any]], timeline: list[dict[str, Any]]) -> tuple[list[tuple[float, float]], list[float]]:
     """((start, end) of each trial actor in Ray's timeline, each trial worker's build-to-last-stamp span)."""
-    # Tune calls a function trainable's `train` once per reported result: a trial is its actor's
-    # span from `__init__` to the end of its last `train` call.
-    actors: dict[str, list[float]] = defaultdict(list)
+    # Tune calls a function trainable's `train` once per reported result; a fifo sweep reuses a
+    # finished trial's actor for the next trial (`reset`). A trial is its actor's span from
+    # `__init__` (or the `reset` that hands it the trial) to the end of its last `train` call.
+    events: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     for e in timeline:
         cat = str(e.get("cat", ""))
-        if e.get("ph") == "X" and cat in ("task::ImplicitFunc.__init__", "task::ImplicitFunc.train"):
-            actors[e["tid"]] += [e["ts"] / 1e6, (e["ts"] + e.get("dur", 0)) / 1e6]
-    spans = [(min(v), max(v)) for v in actors.values()]
+        if e.get("ph") == "X" and cat.startswith("task::ImplicitFunc."):
+            method = cat.rsplit(".", 1)[1]
+            if method in ("__init__", "reset", "train"):
+                events[e["tid"]].append((e["ts"] / 1e6, (e["ts"] + e.get("dur", 0)) / 1e6, method))
+    spans: list[tuple[float, float]] = []
+    for tid_events in events.values():
+        current: list[float] = []
+        for start, end, method in sorted(tid_events):
+            if method in ("__init__", "reset") and current:
+                spans.append((min(current), max(current)))
+                current = []
+            current += [start, end]
+        if current:
+            spans.append((min(current), max(current)))
     by_pid: dict[int, list[float]] = defaultdict(list)
     for s in stamps:
         if s.get("rank") == 0:

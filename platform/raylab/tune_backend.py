@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -145,7 +146,9 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     record = {"trial": name, "trial_id": ray.tune.get_context().get_trial_id(), "params": params,
               "config": cfg.model_dump(mode="json"), "lr_scaling": plan.lr_scaling,
               "started": earlier.get("started") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "attempts": int(earlier.get("attempts", 0)) + 1}
+              "attempts": int(earlier.get("attempts", 0)) + 1,
+              # the trial actor's process: a fifo sweep hands a finished trial's actor the next trial
+              "actor": {"host": socket.gethostname(), "pid": os.getpid()}}
     _write_json(fs, f"{run_path}/{TRIAL_FILE}", record)
     trainer = make_trainer(plan.task, cfg, LaunchConfig.model_validate(plan.launch), name, plan.runs_storage,
                            callbacks=(_MetricReport(plan.metric),))
@@ -206,6 +209,18 @@ def _scheduler(s: TuneSettings) -> Any:
     if s.scheduler == "median":
         return MedianStoppingRule(time_attr="step", grace_period=s.grace_steps, min_samples_required=2)
     return FIFOScheduler()
+
+
+def reuse_trial_actors(s: TuneSettings) -> bool:
+    """Whether a finished trial's actor runs the next trial (Tune's `reuse_actors`).
+
+    With fifo every trial function returns by itself, so its actor can take the next trial:
+    no new Python process, no second import of torch and the task's code (bench/tune_overhead.py
+    measures the gain). A scheduler that stops trials early leaves the stopped trial's
+    function inside its Ray Train run; Tune would wait 2 s for it, fail to reset the actor
+    and error the next trial, so those sweeps keep one actor per trial.
+    """
+    return s.scheduler == "fifo"
 
 
 def hyperband_brackets(s: TuneSettings) -> int:
@@ -354,6 +369,7 @@ def run_trials(sweep_uri: str, plan: TrialPlan, dims: list[Dimension], settings:
                     metric=settings.metric, mode=settings.mode, num_samples=settings.samples,
                     scheduler=_scheduler(settings), search_alg=_search(settings),
                     trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+                    reuse_actors=reuse_trial_actors(settings),
                 ),
                 run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=sweep_uri, verbose=0,
                                               callbacks=[_TrialFeed(_SINK, settings.metric, settings.mode, settings.max_steps)]),

@@ -115,6 +115,23 @@ def test_no_wait_returns_the_job_id_at_once(head):
     assert "Usage: raylab train" in client.get_job_logs(job_id)  # it ran on the head
 
 
+@pytest.mark.ray
+def test_submit_the_moment_ray_start_returns_succeeds():
+    # A user who submits right after `ray start --head` returns: the job API may not answer yet
+    # (raylab submit retries the connection for 15 s) or may refuse with "No available agent to
+    # submit job" (it retries until the agent is up). Ray 2.60 here accepted the job at once, so
+    # this checks the user's outcome, not which of the retries ran. Its own head, no warm-up job.
+    with LocalCluster(num_cpus=1, dashboard=True) as fresh:
+        proc = run([RAYLAB, "submit", "--address", fresh.dashboard_url, "--", "models"], fresh.env, timeout=180)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out
+        job_id = re.search(r"job (raysubmit_\w+) submitted", out).group(1)
+        assert f"job {job_id} SUCCEEDED" in out
+        assert "tinyimagenet" in out and "DiT-S/2" in out  # `raylab models` ran on the head, its table streamed back
+        assert "No available agent" not in out and "Traceback" not in out
+        assert fresh.job_client().get_job_status(job_id) == "SUCCEEDED"
+
+
 def wait_until_terminal(client, job_id: str, timeout_s: float = 300):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

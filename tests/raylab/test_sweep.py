@@ -184,6 +184,23 @@ def test_optuna_sweep_with_a_batch_dimension_scales_lr_linearly(tmp_path, tiny_d
     assert "lr scaling linear (relative to global batch 8)" in " ".join(result.output.split())
 
 
+@pytest.mark.ray
+def test_a_fifo_sweep_reuses_a_finished_trials_actor_and_its_trials_train_alike(tmp_path, tiny_data):
+    # 3 identical trials, 2 at once: the third runs in the actor of one that finished
+    # (Tune's reuse_actors, on for fifo) and must train exactly as the fresh ones did.
+    experiment = write_experiment(tmp_path, tiny_data, stages={"quick": {"max_steps": 6, "eval_every_steps": 6}})
+    storage = tmp_path / "runs"
+    result = runner.invoke(app, sweep_args(experiment, storage, "--space", "lr=grid(0.002)", "--samples", "3",
+                                           "--scheduler", "fifo", "--max-concurrent", "2", "--name", "reuse"))
+    assert result.exit_code == 0, result.output
+    folders = sorted(p for p in (storage / "reuse").glob("trial_*") if p.is_dir())
+    assert len(folders) == 3
+    actors = [json.loads((f / "trial.json").read_text())["actor"]["pid"] for f in folders]
+    assert len(set(actors)) == 2, actors  # one actor ran two trials
+    weights = {(next(f.glob("checkpoint_*_step00000006")) / "model.safetensors").read_bytes() for f in folders}
+    assert len(weights) == 1  # bit-identical, whichever actor ran the trial
+
+
 def test_same_name_with_other_settings_is_refused(tmp_path, tiny_data):
     import pyarrow.fs as pafs
 
