@@ -95,6 +95,11 @@ class GmanTask:
         total, count = masked_abs_error_sums(model((x, te), training=True), y)
         return total, count, {}
 
+    def model_inputs(self, batch) -> tuple[Any, Any]:
+        """What the model takes from a micro-batch (the health checks' own forward)."""
+        x, te, _ = batch
+        return x, te
+
     def predict(self, model, x: np.ndarray, te: np.ndarray) -> np.ndarray:
         """Forecasts [b, Q, N] in the data's units (inference mode: BN moving statistics, no dropout)."""
         if self._predict is None:

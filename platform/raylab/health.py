@@ -120,6 +120,18 @@ def leaves(batch: Any, path: str = "batch") -> Iterator[tuple[str, Any]]:
         yield path, batch
 
 
+def output_spread(output: np.ndarray) -> float | None:
+    """How much a model's output depends on its input: the mean spread (sample std) of each
+    output element across the batch, over the output's mean magnitude (None: can't tell)."""
+    if output.ndim == 0 or output.shape[0] < 2 or output.dtype.kind != "f":
+        return None
+    flat = output.astype(np.float64).reshape(output.shape[0], -1)
+    scale = float(np.abs(flat).mean())
+    if not np.isfinite(scale) or scale < 1e-12:  # all zeros (e.g. DiT's zero-initialised final layer): nothing to compare
+        return None
+    return float(flat.std(axis=0, ddof=1).mean()) / scale
+
+
 class ArrayProbe:
     """The framework-neutral probe: batch values through numpy, no model access. Framework probes
     (`raylab.torch_health.TorchProbe`) add the checks that need the model's tensors."""
@@ -142,7 +154,7 @@ class ArrayProbe:
     def start(self, cfg: HealthConfig) -> list[tuple[str, str]]:
         return []
 
-    def watch(self, training: bool, measure_output: bool) -> None:
+    def watch(self, training: bool, measure_output: bool, batch: Any = None) -> None:
         pass
 
     def after_micro_batch(self, cfg: HealthConfig, step_ends: bool, step: int) -> list[tuple[str, str]]:
@@ -290,7 +302,7 @@ class HealthMonitor:
             self._check_labels(batch, indices)
         step = pos.global_step + 1  # the step this micro-batch belongs to
         measure = pos.global_step == 0 or (step % self.cfg.window_steps == 0 and step > self.cfg.warmup_steps)
-        self.probe.watch(training=True, measure_output=measure)
+        self.probe.watch(training=True, measure_output=measure, batch=batch)
         self.tally.samples += len(indices)
         self.tally.batch_size = len(indices)
         self._collective_stop()

@@ -35,6 +35,11 @@ check whose declaration is missing does not apply, so nothing false is reported:
                                     such as "NaN in batch[0] of clip_05.npy"
     accuracy_metric                 the loss()'s metric that is a classification
                                     accuracy (default "accuracy")
+    model_inputs(batch)             TensorFlow tasks: what `model(..., training=False)`
+                                    takes from a micro-batch; the loop's step hides the
+                                    model's output inside `loss`, so the input-dependence
+                                    and output-width checks call the model on it
+                                    themselves (PyTorch tasks are hooked instead)
 
 The loss/step split (rather than a `train_step` that steps the optimizer) is
 what lets the loop own accumulation, DDP's no_sync and gradient clipping once

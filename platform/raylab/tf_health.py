@@ -6,16 +6,20 @@ variables whose gradient is None (not reached by the loss, or behind
 `tf.stop_gradient`) are noted once; at every optimizer step the step returns, per
 trainable variable, how many workers saw a NaN/inf in its gradient (summed over
 the workers, so every worker reaches the same verdict). Keras layers take
-`training=` per call, so there is no mode to check; the model's output is inside
-the task's loss, so `input_dependence` and the output-width check apply to
-PyTorch tasks only.
+`training=` per call, so there is no mode to check. The model's output stays
+inside the task's loss in the compiled step: for `input_dependence` and the
+output-width check the probe calls the model itself (`training=False`, no
+variable or seed changes) on the micro-batch's `task.model_inputs(batch)` at the
+steps those checks measure; a task without `model_inputs` skips them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from raylab.health import ArrayProbe, name_list
+import numpy as np
+
+from raylab.health import ArrayProbe, name_list, output_spread
 from raylab.health_config import HealthConfig
 
 if TYPE_CHECKING:
@@ -26,6 +30,16 @@ class KerasProbe(ArrayProbe):
     def __init__(self, stepper: "TfStepper"):
         self.stepper = stepper
         self.gradless_checked = False
+
+    def watch(self, training: bool, measure_output: bool, batch: Any = None) -> None:
+        inputs_of = getattr(self.stepper.task, "model_inputs", None)
+        if not measure_output or batch is None or inputs_of is None or self.on_output is None:
+            return
+        output = self.stepper.model(inputs_of(batch), training=False)
+        if isinstance(output, (list, tuple)):
+            output = output[0]
+        output = np.asarray(output)
+        self.on_output(int(output.shape[-1]) if output.ndim >= 2 else None, output_spread(output))
 
     def after_micro_batch(self, cfg: HealthConfig, step_ends: bool, step: int) -> list[tuple[str, str]]:
         if not step_ends:

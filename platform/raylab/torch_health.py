@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raylab.health import ArrayProbe, leaves
+from raylab.health import ArrayProbe, leaves, output_spread
 from raylab.health import name_list as _names
 from raylab.health_config import HealthConfig
 
@@ -46,14 +46,10 @@ def first_tensor(output: Any) -> torch.Tensor | None:
 
 
 def input_dependence(output: torch.Tensor) -> float | None:
-    """Mean spread of each output element across the batch, over the mean magnitude (None: can't tell)."""
-    if output.dim() == 0 or output.shape[0] < 2 or not output.is_floating_point():
+    """raylab.health.output_spread of a model output tensor."""
+    if not output.is_floating_point():
         return None
-    flat = output.detach().float().reshape(output.shape[0], -1)
-    scale = float(flat.abs().mean())
-    if not np.isfinite(scale) or scale < 1e-12:  # all zeros (e.g. DiT's zero-initialised final layer): nothing to compare
-        return None
-    return float(flat.std(dim=0).mean()) / scale
+    return output_spread(output.detach().float().cpu().numpy())
 
 
 def fingerprint(t: torch.Tensor) -> tuple[float, float]:
@@ -127,7 +123,7 @@ class TorchProbe(ArrayProbe):
         self.frozen = {n: fingerprint(p) for n, p in self.params.items() if not p.requires_grad} if cfg.active("frozen_changed") else {}
         return found
 
-    def watch(self, training: bool, measure_output: bool) -> None:
+    def watch(self, training: bool, measure_output: bool, batch: Any = None) -> None:
         self.modes = []
         self.measure = measure_output
 

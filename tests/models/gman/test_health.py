@@ -72,3 +72,28 @@ def test_a_nan_gradient_behind_a_finite_loss_stops_the_run_naming_the_variable(t
 
 def test_a_healthy_gman_run_has_no_gradient_finding(tmp_path, traffic_files):
     assert findings(GmanTask(), config(traffic_files), tmp_path) == []
+
+
+class InputBlind(GmanTask):
+    """A model whose forecast ignores its input (the history and the time features zeroed
+    inside it): the TensorFlow form of seed 003's network that sat at chance."""
+
+    def build(self, cfg, ctx):
+        parts = super().build(cfg, ctx)
+        model = parts.model
+        forward = model.call
+        object.__setattr__(model, "call", lambda inputs, **kwargs: forward((inputs[0] * 0.0, inputs[1] * 0), **kwargs))
+        return parts
+
+
+def dependence_notices(task, cfg, folder):
+    return [n for n in findings(task, cfg, folder) if n.startswith("input_dependence")]
+
+
+def test_a_forecast_that_ignores_its_input_is_found_by_the_probes_own_forward(tmp_path, traffic_files):
+    cfg = config(traffic_files, max_steps=4, health={"warmup_steps": 0, "window_steps": 2})
+    notices = dependence_notices(InputBlind(), cfg, tmp_path / "blind")
+    assert len(notices) == 1, notices
+    assert notices[0].startswith("input_dependence: the model's output hardly depends on its input")
+    # the same settings on the real model: its forecasts vary with the input
+    assert dependence_notices(GmanTask(), cfg, tmp_path / "healthy") == []
