@@ -179,14 +179,16 @@ def scan_checkpoints(fs: pafs.FileSystem, run_path: str, verify: Verify = "sizes
 @contextlib.contextmanager
 def local_copy(fs: pafs.FileSystem, path: str) -> Iterator[Path]:
     """A local directory with the checkpoint's files: the folder itself on a local
-    filesystem, else a temporary download that is removed afterwards."""
+    filesystem, else a temporary download, under the checkpoint's own folder name (what
+    messages name), that is removed afterwards."""
     if isinstance(fs, pafs.LocalFileSystem):
         yield Path(path)
         return
     tmp = Path(tempfile.mkdtemp(prefix="raylab-ckpt-dl-"))
     try:
-        download(fs, path, tmp)
-        yield tmp
+        folder = tmp / (path.rstrip("/").rsplit("/", 1)[-1] or "checkpoint")
+        download(fs, path, folder)
+        yield folder
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -2,8 +2,9 @@
 train -> driver killed -> resume finishes from the stored checkpoint, paths keep the
 s3:// scheme, then `ckpt list`, `ckpt clean`, `sample` and `report` work on the same
 s3:// run; a ladder whose first stage is an lr search runs its Tune trials on the head and
-warm-starts the next stage from the best checkpoint stored on S3; the server stopped
-mid-run makes the run fail loudly in one sentence.
+warm-starts the next stage from the best checkpoint stored on S3; the network to the server
+cut mid-run makes the run fail loudly in one sentence, and once it is back every checkpoint
+that was valid before the cut still is and a rerun resumes from the newest valid one.
 
 Runs join a head of this module's own with --address, so a killed driver leaves
 nothing behind but what the head's teardown stops.
@@ -11,10 +12,14 @@ nothing behind but what the head's teardown stops.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import socket
+import struct
 import subprocess
+import threading
 import time
 
 import pyarrow.fs as pafs
@@ -133,14 +138,82 @@ def test_a_ladder_on_s3_searches_then_warm_starts_from_the_stored_best(head, s3,
     assert {"ladder/lad/quick/trial_000/metrics.parquet", "ladder/lad/quick/trial_001/metrics.parquet"} <= set(keys)
 
 
-def test_s3_server_stopped_mid_run_fails_in_one_sentence(head, own_s3, tiny, tmp_path):
-    storage = own_s3.uri("outage")
-    cmd = train_cmd(head, storage, "run", tiny(max_epochs=30))
-    with open(tmp_path / "run.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=head.env, stdout=subprocess.DEVNULL, stderr=log, text=True)
-        wait_for_checkpoint(own_s3, "outage/run/", proc)
-        own_s3.stop()
+class TcpRelay:
+    """A loopback TCP relay in front of the S3 server: `cut()` resets every open connection and
+    refuses new ones (the network to S3 gone, the server and its data untouched), `restore()`
+    listens on the same port again."""
+
+    def __init__(self, target_port: int):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.target_port = target_port
+        self.lock = threading.Lock()
+        self.open: set[socket.socket] = set()
+        self.listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the same port at once
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.open |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self.listener.close()
+        with self.lock:
+            sockets, self.open = self.open, set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def valid_checkpoints(storage: str) -> dict[str, int]:
+    """{checkpoint folder: step} of the run's checkpoints that pass raylab's checks (`ckpt list`)."""
+    proc = subprocess.run([RAYLAB, "ckpt", "list", "run", "--storage", storage, "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {c["checkpoint"]: c["step"] for c in json.loads(proc.stdout) if c["valid"]}
+
+
+def test_s3_unreachable_mid_run_fails_in_one_sentence_and_keeps_the_newest_checkpoint(head, own_s3, tiny, tmp_path):
+    relay = TcpRelay(own_s3.port)
+    storage = f"s3://{own_s3.bucket}/outage?endpoint_override=http://127.0.0.1:{relay.port}&scheme=http&region=us-east-1"
+    with open(tmp_path / "run.log", "w") as log:
+        proc = subprocess.Popen(train_cmd(head, storage, "run", tiny(max_epochs=60)), env=head.env, stdout=subprocess.DEVNULL,
+                                stderr=log, text=True)
+        try:
+            wait_for_checkpoint(own_s3, "outage/run/", proc)
+            before = valid_checkpoints(storage)
+            assert before and proc.poll() is None
+            relay.cut()  # mid-run, likely mid-upload: the server keeps what it had
             code = proc.wait(timeout=400)
         finally:
             if proc.poll() is None:
@@ -150,3 +223,17 @@ def test_s3_server_stopped_mid_run_fails_in_one_sentence(head, own_s3, tiny, tmp
     error_lines = [line for line in errors.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "Traceback" not in errors, errors
     assert re.search(r"error: run failed: .*(bucket 'raylab'|s3://raylab).*(connect|NETWORK_CONNECTION)", " ".join(errors.split())), errors
+
+    relay.restore()
+    after = valid_checkpoints(storage)
+    assert before.items() <= after.items()  # nothing valid before the outage was lost or damaged by it
+    newest = max(after, key=after.get)
+    epoch = int(re.search(r"epoch(\d+)", newest).group(1))
+    # Rerun, ending one epoch later: it resumes from the newest valid checkpoint, whatever the
+    # outage left half-uploaded after it.
+    rerun = subprocess.run(train_cmd(head, storage, "run", tiny(max_epochs=epoch + 1)), env=head.env, capture_output=True,
+                           text=True, timeout=400)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out
+    assert f"resuming {newest} with changed config" in " ".join(out.split()), out
+    assert max(valid_checkpoints(storage).values()) == 12 * (epoch + 1)
