@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raylab.config import TrainConfig
-from raylab.health import CHECKS, ArrayProbe, Finding, HealthCheckFailed, HealthMonitor, TaskFacts, leaves
+from raylab.health import CHECKS, Finding, HealthCheckFailed, HealthMonitor, TaskFacts, leaves
 from raylab.health_trends import WindowStats, at_chance, can_tell_chance
 from raylab.loop_core import Position, RunPlan, TrainingRun, epoch_batches
 from raylab.loop_reporting import TrainingHealthError
@@ -144,7 +144,7 @@ class Doctor:
         self.task, self.cfg, self.report, self.workdir, self.on_progress = task, cfg, report, workdir, on_progress
         self.found: list[Finding] = []
         self.facts = TaskFacts()
-        self.model_probe = False  # a framework probe looked at the model (torch), not only at batches
+        self.probe_gaps: dict[str, str] = {}  # model check -> why the framework's probe does not run it ('' when it does)
         self.frozen = ""
         self.windows: list[WindowStats] = []
 
@@ -168,7 +168,7 @@ class Doctor:
         self.cfg = self.cfg.model_copy(update={"max_epochs": math.ceil(self.report.steps / per_epoch)})
         monitor = HealthMonitor.for_run(stepper, cfg, None)
         self.facts, probe = monitor.facts, monitor.probe
-        self.model_probe = type(probe) is not ArrayProbe
+        self.probe_gaps = {name: probe.not_checked(name) for name, check in CHECKS.items() if "model" in check.needs}
         try:
             return self._first_batch(stepper, monitor, cfg)
         finally:
@@ -265,8 +265,8 @@ class Doctor:
             return "n/a: the task declares no num_classes"
         if "labels" in needs and self.facts.class_labels is None:
             return "n/a: the task declares no class_labels(batch)"
-        if "model" in needs and not self.model_probe:
-            return "n/a: no model probe for this framework"
+        if "model" in needs and self.probe_gaps.get(check, "no model probe for this framework"):
+            return f"n/a: {self.probe_gaps.get(check, 'no model probe for this framework')}"
         if "trend" in needs and not any(w.start_step > self.cfg.health.warmup_steps for w in self.windows):
             return f"n/a: no window past the {self.cfg.health.warmup_steps}-step warm-up; raise --steps"
         return ""

@@ -151,6 +151,10 @@ class ArrayProbe:
                 out.append((path, np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1)).tolist()))
         return out
 
+    def not_checked(self, check: str) -> str:
+        """Why this probe does not run a check that needs the model ('' when it does)."""
+        return "no model probe for this framework"
+
     def start(self, cfg: HealthConfig) -> list[tuple[str, str]]:
         return []
 

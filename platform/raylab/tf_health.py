@@ -26,10 +26,23 @@ if TYPE_CHECKING:
     from raylab.tf_loop import TfStepper
 
 
+_NOT_ON_KERAS = {
+    "train_mode": "Keras layers take training= per call: no mode to leave on",
+    "frozen_changed": "not checked on TensorFlow (Keras marks frozen kernels and batch-norm statistics alike)",
+    "optimizer_foreign": "the TensorFlow loop builds the optimizer on the model's own variables",
+    "optimizer_missing": "the TensorFlow loop builds the optimizer on the model's own variables",
+}
+
+
 class KerasProbe(ArrayProbe):
     def __init__(self, stepper: "TfStepper"):
         self.stepper = stepper
         self.gradless_checked = False
+
+    def not_checked(self, check: str) -> str:
+        if check in ("input_dependence", "num_classes") and not hasattr(self.stepper.task, "model_inputs"):
+            return "the TensorFlow task declares no model_inputs(batch)"
+        return _NOT_ON_KERAS.get(check, "")
 
     def watch(self, training: bool, measure_output: bool, batch: Any = None) -> None:
         inputs_of = getattr(self.stepper.task, "model_inputs", None)

@@ -70,6 +70,9 @@ class TorchProbe(ArrayProbe):
         self.frozen: dict[str, tuple[float, float]] = {}
         self.handles = [model.register_forward_pre_hook(self._pre_forward), model.register_forward_hook(self._post_forward)]
 
+    def not_checked(self, check: str) -> str:
+        return ""  # every model check
+
     # -- hooks ----------------------------------------------------------------------
     def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
         self.modes.append(module.training)

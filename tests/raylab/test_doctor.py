@@ -11,7 +11,7 @@ from models.tinyimagenet.task import TinyImageNetTask
 from raylab.cli import app
 from raylab.config import ConfigError
 from raylab.doctor import DoctorReport, run_doctor, verdict_table
-from raylab.task import TASKS
+from raylab.task import TASKS, framework_of, get_task
 
 
 def table_text(report: DoctorReport) -> str:
@@ -78,6 +78,15 @@ def test_a_healthy_quick_stage_has_no_finding(model, tmp_path):
     assert report.exit_code == 0, table_text(report)
     assert report.verdict("training").result == "ok" and report.verdict("sampling n=3").result == "ok"
     assert report.verdict("loss_falls").result == "ok"
+    # A check the framework's probe does not run is n/a with the reason, never a silent "ok".
+    model_checks = ("nonfinite_grads", "train_mode", "no_grad", "frozen_changed", "optimizer_foreign", "optimizer_missing")
+    results = {c: report.verdict(c).result for c in model_checks}
+    if framework_of(get_task(model)) == "tensorflow":
+        assert results == {"nonfinite_grads": "ok", "no_grad": "ok", "train_mode": "n/a", "frozen_changed": "n/a",
+                           "optimizer_foreign": "n/a", "optimizer_missing": "n/a"}, table_text(report)
+        assert "Keras layers take training=" in report.verdict("train_mode").evidence
+    else:
+        assert set(results.values()) == {"ok"}, table_text(report)
 
 
 def test_doctor_shows_the_translators_frozen_encoder(tmp_path):
