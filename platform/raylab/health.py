@@ -305,7 +305,8 @@ class HealthMonitor:
         if self.cfg.active("labels") and self.facts.num_classes and self.facts.class_labels is not None:
             self._check_labels(batch, indices)
         step = pos.global_step + 1  # the step this micro-batch belongs to
-        measure = pos.global_step == 0 or (step % self.cfg.window_steps == 0 and step > self.cfg.warmup_steps)
+        measure = (pos.global_step == 0 or (step % self.cfg.window_steps == 0 and step > self.cfg.warmup_steps)) and (
+            self.cfg.active("input_dependence") or self.cfg.active("num_classes"))  # what the output measurement feeds
         self.probe.watch(training=True, measure_output=measure, batch=batch)
         self.tally.samples += len(indices)
         self.tally.batch_size = len(indices)

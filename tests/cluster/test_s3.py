@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from raylab.local_cluster import LocalCluster
+from raylab.local_cluster import LocalCluster, free_port
 
 pytestmark = pytest.mark.ray
 RAYLAB = shutil.which("raylab") or "raylab"
@@ -144,9 +144,7 @@ class TcpRelay:
     listens on the same port again."""
 
     def __init__(self, target_port: int):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.target_port = target_port
         self.lock = threading.Lock()
         self.open: set[socket.socket] = set()
@@ -203,8 +201,15 @@ def valid_checkpoints(storage: str) -> dict[str, int]:
     return {c["checkpoint"]: c["step"] for c in json.loads(proc.stdout) if c["valid"]}
 
 
-def test_s3_unreachable_mid_run_fails_in_one_sentence_and_keeps_the_newest_checkpoint(head, own_s3, tiny, tmp_path):
+@pytest.fixture
+def relay(own_s3):
+    """A TcpRelay in front of this test's own S3 server, cut when the test ends."""
     relay = TcpRelay(own_s3.port)
+    yield relay
+    relay.cut()
+
+
+def test_s3_unreachable_mid_run_fails_in_one_sentence_and_keeps_the_newest_checkpoint(head, own_s3, relay, tiny, tmp_path):
     storage = f"s3://{own_s3.bucket}/outage?endpoint_override=http://127.0.0.1:{relay.port}&scheme=http&region=us-east-1"
     with open(tmp_path / "run.log", "w") as log:
         proc = subprocess.Popen(train_cmd(head, storage, "run", tiny(max_epochs=60)), env=head.env, stdout=subprocess.DEVNULL,
