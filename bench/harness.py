@@ -208,13 +208,15 @@ _RAY_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_METRICS_
 
 def ray_defaults_env() -> dict[str, str]:
     """Environment that undoes raylab's settings for the embedded Ray (`_EMBEDDED_ENV`, applied with
-    setdefault, so these win): the "Ray defaults" side of an A/B."""
+    setdefault, so these win) and its lean controller and shutdown (`raylab.ray_embedded`): the
+    "Ray defaults" side of an A/B."""
     from raylab.ray_backend import _EMBEDDED_ENV
+    from raylab.ray_embedded import STOCK_ENV
 
     unknown = set(_EMBEDDED_ENV) - set(_RAY_DEFAULTS)
     if unknown:
         raise BenchError(f"bench.harness does not know Ray's default of {sorted(unknown)}: add it to _RAY_DEFAULTS")
-    return {k: _RAY_DEFAULTS[k] for k in _EMBEDDED_ENV}
+    return {**{k: _RAY_DEFAULTS[k] for k in _EMBEDDED_ENV}, STOCK_ENV: "1"}
 
 
 def warm_up(model: str, stage: str, overrides: dict[str, Any], work: Path, env: dict[str, str]) -> None:

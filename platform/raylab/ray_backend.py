@@ -11,6 +11,7 @@ with the task's pydantic class: no string-keyed dicts past this point.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -125,9 +126,20 @@ def ensure_ray(launch: LaunchConfig, tune: bool = False) -> bool:
                 os.environ.pop("RAY_API_SERVER_ADDRESS", None)
             else:
                 os.environ["RAY_API_SERVER_ADDRESS"] = before
-        return True
-    ray.init(address="local", include_dashboard=False, **common)
+    else:
+        ray.init(address="local", include_dashboard=False, **common)
+    _shutdown_at_exit()
     return True
+
+
+def _shutdown_at_exit() -> None:
+    """The embedded instance stops at exit through `shutdown_embedded`, registered after
+    `ray.init` (again after each restart) so it runs before Ray's own exit handler, which
+    then has nothing left to do."""
+    from raylab.ray_embedded import shutdown_embedded
+
+    atexit.unregister(shutdown_embedded)
+    atexit.register(shutdown_embedded)
 
 
 def check_resources(launch: LaunchConfig, local: bool) -> None:
@@ -305,10 +317,13 @@ def first_worker_error(exc: BaseException) -> BaseException:
 
 def make_trainer(
     task_name: str, cfg: TrainConfig, launch: LaunchConfig, name: str, storage_path: str,
-    queue: Any = None, callbacks: tuple[Any, ...] = (),
+    queue: Any = None, callbacks: tuple[Any, ...] = (), embedded: bool = False, tune: bool = False,
 ) -> Any:
     """The Ray Train trainer of one run: the one place trainers are built (`run_on_ray`,
-    and every Tune trial in `raylab.tune_backend`, which adds its report callback)."""
+    and every Tune trial in `raylab.tune_backend`, which adds its report callback).
+
+    `embedded`: the run is on raylab's own local Ray, whose controller leaves out what
+    only a cluster needs (`raylab.ray_embedded`; a Tune trial's keeps the placement-group cleaner)."""
     import ray.train
 
     from raylab.ray_failures import FailureReporter
@@ -316,7 +331,7 @@ def make_trainer(
     fs, run_path = run_filesystem(storage_path, name)
     reconcile_ray_registry(fs, run_path)  # raylab's retention may have deleted folders Ray's registry lists
     trainer_cls, entry, worker_env = _framework_trainer(task_name, launch)
-    return trainer_cls(
+    trainer = trainer_cls(
         entry,
         train_loop_config={"task": task_name, "cfg": cfg.model_dump(mode="json"), "progress_queue": queue, "env": raylab_environment()},
         scaling_config=ray.train.ScalingConfig(
@@ -335,6 +350,11 @@ def make_trainer(
             **({"worker_runtime_env": {"env_vars": worker_env}} if worker_env else {}),
         ),
     )
+    if embedded:
+        from raylab.ray_embedded import lean_controller
+
+        lean_controller(trainer, keep_placement_group_cleaner=tune)
+    return trainer
 
 
 def run_on_ray(
@@ -347,7 +367,7 @@ def run_on_ray(
     local = ensure_ray(launch)
     check_resources(launch, local)
     queue = Queue(actor_options={"num_cpus": 0}) if on_progress else None
-    trainer = make_trainer(task_name, cfg, launch, name, storage_path, queue)
+    trainer = make_trainer(task_name, cfg, launch, name, storage_path, queue, embedded=local)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -369,7 +389,7 @@ def run_on_ray(
                     pass
             if not alive:
                 break
-            time.sleep(0.25)
+            thread.join(timeout=0.25)  # wakes at once when fit returns
     finally:
         if queue is not None:
             with contextlib.suppress(Exception):

@@ -306,7 +306,7 @@ def run_sweep(plan: SweepPlan, display: SweepTable | None = None, on_note: Calla
         total_trials=spec.samples * _grid_size(plan.dims),
     )
     trial_plan = TrialPlan(plan.task_name, plan.base.model_dump(mode="json"), plan.launch.model_dump(mode="json"),
-                           plan.uri, spec.lr_scaling, plan.metric, raylab_environment())
+                           plan.uri, spec.lr_scaling, plan.metric, raylab_environment(), embedded=fits is not None)
     table = display or SweepTable(f"{plan.task_name} {plan.stage} {plan.kind} {plan.name}", plan.metric, plan.mode,
                                   [d.field for d in plan.dims])
     if on_note is None:

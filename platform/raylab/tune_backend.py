@@ -69,6 +69,7 @@ class TrialPlan:
     lr_scaling: str
     metric: str
     env: dict[str, str] = field(default_factory=dict)  # the driver's RAYLAB_* variables
+    embedded: bool = False  # on raylab's own local Ray (raylab.ray_embedded), not a cluster
 
 
 @dataclass
@@ -151,7 +152,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
               "actor": {"host": socket.gethostname(), "pid": os.getpid()}}
     _write_json(fs, f"{run_path}/{TRIAL_FILE}", record)
     trainer = make_trainer(plan.task, cfg, LaunchConfig.model_validate(plan.launch), name, plan.runs_storage,
-                           callbacks=(_MetricReport(plan.metric),))
+                           callbacks=(_MetricReport(plan.metric),), embedded=plan.embedded, tune=True)
     try:
         trainer.fit()
     except Exception as exc:
