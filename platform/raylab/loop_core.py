@@ -340,10 +340,14 @@ class TrainingRun:
             self.sample_round()  # sample_every_steps 0: a round with every evaluation
         row = self.recorder.row(self.stepper.learning_rate(), self.window.read(), eval_metrics)
         self.window.reset()
+        # The row is stored before the checkpoint that holds its step: a run killed in between
+        # resumes from an earlier checkpoint, which drops the row; never the other way round
+        # (a checkpoint whose row metrics.parquet lacks).
+        self.recorder.store(row)
         name = self.checkpointer.report(self.pos, row, checkpoint)
         if name:
             self.recorder.last_checkpoint = name
-        self.recorder.record(row)
+        self.recorder.announce(row)
         self.last_row = row
 
 

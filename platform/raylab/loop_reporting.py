@@ -126,10 +126,18 @@ class RunRecorder:
         return row
 
     def record(self, row: dict[str, Any]) -> None:
+        self.store(row)
+        self.announce(row)
+
+    def store(self, row: dict[str, Any]) -> None:
+        """The row into metrics.parquet and TensorBoard."""
         if self.main:
             self.metrics_log.append({**row, "health": self.row_health()})
             self.tensorboard.scalars(row, self.pos.global_step)
             self.tensorboard.sync()
+
+    def announce(self, row: dict[str, Any]) -> None:
+        """The row to the display."""
         self.progress(**{k: v for k, v in row.items() if k not in ("step", "epoch")})
 
     def flush_pending(self) -> None:

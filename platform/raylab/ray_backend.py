@@ -104,6 +104,8 @@ def ensure_ray(launch: LaunchConfig, tune: bool = False) -> bool:
             )
             raise ConnectionError(f"cannot connect to the Ray cluster at {address}: {exc}.{hint}") from None
         return False
+    from raylab.ray_embedded import embedded_init
+
     for key, value in _EMBEDDED_ENV.items():
         os.environ.setdefault(key, value)
     # address="local": always a new instance of our own. With no address, ray.init would
@@ -120,14 +122,16 @@ def ensure_ray(launch: LaunchConfig, tune: bool = False) -> bool:
         before = os.environ.get("RAY_API_SERVER_ADDRESS")
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         try:
-            ray.init(address="local", dashboard_port=port, **_TUNE_EMBEDDED, **common)
+            with embedded_init(lean=False):
+                ray.init(address="local", dashboard_port=port, **_TUNE_EMBEDDED, **common)
         finally:
             if before is None:
                 os.environ.pop("RAY_API_SERVER_ADDRESS", None)
             else:
                 os.environ["RAY_API_SERVER_ADDRESS"] = before
     else:
-        ray.init(address="local", include_dashboard=False, **common)
+        with embedded_init(lean=True):  # no autoscaler monitor, no API server (raylab.ray_embedded)
+            ray.init(address="local", include_dashboard=False, **common)
     _shutdown_at_exit()
     return True
 

@@ -1,9 +1,26 @@
 """What raylab leaves out on the Ray instance it embeds (no cluster address).
 
 Part of the Ray boundary (with `raylab.ray_backend`). On one machine with no
-autoscaler, three things Ray Train starts for a cluster cost a run seconds and
-buy nothing (bench/startup.py measures them; on 2 cores the quick stage went
-from 22.5 s to 19.2 s without them, against 10 s in-process):
+autoscaler, what Ray starts for a cluster costs a run seconds and buys nothing
+(bench/startup.py measures it; see the README's performance section).
+
+`ray.init` of a `raylab train` instance (`embedded_init`) starts neither of two head
+processes, the way `ray start --head --no-monitor` leaves out the first:
+
+* the autoscaler monitor: a Python process that asks cloud providers for nodes;
+  on a fixed local node there is no provider to ask;
+* the API server: with `include_dashboard=False` Ray still starts the dashboard
+  process with its usage-statistics module alone, and waits for it to publish
+  its address before it starts the raylet (on 2 cores about a second of every
+  `ray.init`). Nothing of raylab's embedded run talks to it; a Tune sweep's
+  instance runs the full dashboard (the placement-group cleaner needs it).
+
+On every embedded instance (Tune's too), the dashboard agent binds a port the OS
+picks: Ray's fixed default (52365) is taken whenever another Ray instance runs on
+the machine, and the agent then retries for about 3.4 s before it gives up on
+it, while the raylet waits for it before the node counts as started.
+
+Three things Ray Train's controller starts are left out as well (`lean_controller`):
 
 * Ray Train's controller asks Ray Data's autoscaling coordinator for the
   workers' resources before it starts them: a detached actor, a new Python
@@ -21,28 +38,30 @@ from 22.5 s to 19.2 s without them, against 10 s in-process):
 At exit, `ray.shutdown` stops the raylet and the GCS, then sends the autoscaler
 monitor SIGTERM; the monitor's handler reports its own death to the GCS that is
 already gone and hangs until SIGKILL a second later. `shutdown_embedded` kills
-the monitor first (it holds no state on a single node), then shuts Ray down.
+a monitor first where one runs (a Tune sweep's instance), then shuts Ray down.
 
-A cluster joined with --address keeps Ray's stock controller and shutdown.
-`RAYLAB_STOCK_RAY=1` keeps them on the embedded instance too (the bench's
-"Ray defaults" side). The pieces reach into Ray Train's internals (pinned in
-constraints.txt); if a Ray version lacks them, the stock controller runs.
+A cluster joined with --address keeps Ray's stock processes, controller and
+shutdown. `RAYLAB_STOCK_RAY=1` keeps them on the embedded instance too (the
+bench's "Ray defaults" side; the agent still binds a port of its own). The
+pieces reach into Ray's internals (pinned in constraints.txt); if a Ray
+version lacks them, Ray's stock pieces run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 STOCK_ENV = "RAYLAB_STOCK_RAY"
 
 try:
+    from ray._private.node import Node
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 except ImportError:  # another Ray version: the stock controller runs
-    FixedScalingPolicy = None  # type: ignore[assignment,misc]
+    FixedScalingPolicy = Node = None  # type: ignore[assignment,misc]
 
 
 def lean_enabled() -> bool:
@@ -62,6 +81,34 @@ if FixedScalingPolicy is not None:
 
         def _send_resource_request(self) -> None:
             pass
+
+
+@contextlib.contextmanager
+def embedded_init(lean: bool) -> Iterator[None]:
+    """Around `ray.init` of raylab's own instance: the dashboard agent binds a port the OS picks,
+    and with `lean` (a `raylab train` instance) neither autoscaler monitor nor API server starts."""
+    if Node is None or not all(hasattr(Node, m) for m in ("start_monitor", "start_api_server", "start_ray_processes")):
+        yield
+        return
+    stock = Node.start_monitor, Node.start_api_server, Node.start_ray_processes
+
+    def no_monitor(self: Any) -> None:
+        pass
+
+    def no_api_server(self: Any, **_: Any) -> None:
+        self._webui_url = None  # what a minimal install without the dashboard leaves
+
+    def own_agent_port(self: Any) -> None:
+        self._ray_params.dashboard_agent_listen_port = 0  # Ray's "self-bind"; the node records the port it got
+        stock[2](self)
+
+    Node.start_ray_processes = own_agent_port
+    if lean and lean_enabled():
+        Node.start_monitor, Node.start_api_server = no_monitor, no_api_server
+    try:
+        yield
+    finally:
+        Node.start_monitor, Node.start_api_server, Node.start_ray_processes = stock
 
 
 def lean_controller(trainer: Any, keep_placement_group_cleaner: bool) -> Any:

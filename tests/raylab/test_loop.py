@@ -89,6 +89,29 @@ def test_checkpoint_folder_is_plain_verifiable_data(tmp_path, tiny):
         read_checkpoint_state(ckpt)
 
 
+class _DiesAfterStoring(LocalSession):
+    """A session whose process dies right after checkpoint `at` is stored (a SIGKILL at that instant)."""
+
+    def __init__(self, *args, at: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at = at
+
+    def report(self, metrics, checkpoint_dir, checkpoint_name):
+        super().report(metrics, checkpoint_dir, checkpoint_name)
+        if checkpoint_dir is not None and metrics["step"] == self.at:
+            raise KeyboardInterrupt
+
+
+def test_a_stored_checkpoint_always_has_its_metrics_row(tmp_path, tiny):
+    task = get_task("tinyimagenet")
+    cfg = task.config_cls.model_validate(tiny(checkpoint_every_batches=4))
+    with pytest.raises(KeyboardInterrupt):
+        train_torch(task, cfg, _DiesAfterStoring(tmp_path / "killed", keep_checkpoints=3, at=4))
+    assert pd.read_parquet(tmp_path / "killed" / "metrics.parquet")["step"].tolist() == [4]
+    train_torch(task, cfg, LocalSession(tmp_path / "killed", keep_checkpoints=3))  # resumes from step 4
+    assert pd.read_parquet(tmp_path / "killed" / "metrics.parquet")["step"].tolist() == [4, 8, 12, 16, 20, 24]
+
+
 def test_retention_keeps_newest(tmp_path, tiny):
     summary = run_local(tmp_path, "keep", tiny(max_epochs=2, checkpoint_every_batches=2, keep_checkpoints=2))
     kept = sorted(p.name for p in Path(summary.run_path).glob("checkpoint_*"))

@@ -1,11 +1,12 @@
-"""raylab's own local Ray (raylab.ray_embedded): its controller leaves out the actors only a
-cluster needs, trains the same weights as Ray's stock controller, and its shutdown leaves
-no process of the instance running."""
+"""raylab's own local Ray (raylab.ray_embedded): it starts neither the processes nor the
+controller's actors that only a cluster needs, trains the same weights as Ray's stock
+controller, and its shutdown leaves no process of the instance running."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ from raylab.ray_embedded import STOCK_ENV
 
 pytestmark = pytest.mark.ray
 
+DEFAULT_AGENT_PORT = 52365  # ray._private.ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
 CLUSTER_ONLY = {"DatasetManager", "PlacementGroupCleaner", "_AutoscalingCoordinatorActor"}
 
 
@@ -49,23 +51,42 @@ def test_the_embedded_controller_starts_no_cluster_only_actor_and_trains_alike(r
     assert all(torch.equal(lean_weights[k], stock_weights[k]) for k in lean_weights)
 
 
-def test_shutdown_embedded_stops_every_process_of_the_instance(tmp_path):
+def test_embedded_instance_starts_only_what_a_run_uses_and_shutdown_stops_it_all(tmp_path):
+    """No autoscaler monitor or API server on a `raylab train` instance (Ray's stock set with
+    RAYLAB_STOCK_RAY=1); the dashboard agent binds a port of its own even where Ray's default
+    (52365) is taken, as by another Ray instance; shutdown_embedded leaves nothing running."""
     script = textwrap.dedent("""
-        import json, sys
+        import json, os, sys
         import ray
         from raylab.config import LaunchConfig
         from raylab.ray_backend import ensure_ray
-        from raylab.ray_embedded import shutdown_embedded
+        from raylab.ray_embedded import STOCK_ENV, shutdown_embedded
 
-        assert ensure_ray(LaunchConfig())
-        processes = [p.process for infos in ray._private.worker._global_node.all_processes.values() for p in infos]
-        shutdown_embedded()
-        print(json.dumps({"initialized": ray.is_initialized(), "kinds": len(processes),
-                          "running": [p.pid for p in processes if p.poll() is None]}))
+        out = {}
+        for side in ("lean", "stock"):
+            os.environ[STOCK_ENV] = "1" if side == "stock" else ""
+            assert ensure_ray(LaunchConfig())
+            node = ray._private.worker._global_node
+            processes = [p.process for infos in node.all_processes.values() for p in infos]
+            kinds, agent_port = sorted(node.all_processes), node._ray_params.dashboard_agent_listen_port
+            shutdown_embedded()
+            out[side] = {"kinds": kinds, "agent_port": agent_port, "initialized": ray.is_initialized(),
+                         "running": [p.pid for p in processes if p.poll() is None]}
+        print(json.dumps(out))
     """)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    with socket.socket() as blocker:
+        try:  # Ray's default agent port, held as another Ray instance on this machine would hold it
+            blocker.bind(("0.0.0.0", DEFAULT_AGENT_PORT))
+            blocker.listen()
+        except OSError:
+            pass  # already held by another process: the same situation
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["kinds"] >= 4 and not result["initialized"]  # GCS, raylet, monitor, log monitor, ...
-    assert result["running"] == [], result
+    lean, stock = result["lean"], result["stock"]
+    assert {"gcs_server", "raylet"} <= set(lean["kinds"]) and not {"monitor", "dashboard"} & set(lean["kinds"]), lean
+    assert {"monitor", "dashboard"} <= set(stock["kinds"]), stock
+    for side in (lean, stock):
+        assert side["agent_port"] not in (DEFAULT_AGENT_PORT, -1, 0, None), side  # -1: the agent gave up binding
+        assert not side["initialized"] and side["running"] == [], side
