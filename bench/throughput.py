@@ -37,7 +37,7 @@ from bench.harness import (Report, bars, clean_work_dir, interleave, python_modu
 from bench.stamps import STAMPS_ENV, loss_clock, read_stamps
 
 NAME = "throughput"
-FULL = dict(per_class=1040, batch=32, warmup=10, steps=160, rounds=3, threads=1,
+FULL = dict(per_class=1040, batch=32, warmup=10, steps=160, rounds=5, threads=1,
             sides=("plain", "raylab_w0", "raylab_w1", "raylab_w1_ray_defaults", "raylab_w2"))
 SMOKE = dict(per_class=8, batch=8, warmup=2, steps=8, rounds=1, threads=1, sides=("plain", "raylab_w0"))
 LABELS = {"plain": "plain PyTorch loop", "raylab_w0": "raylab --workers 0 (in-process)",

@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -240,6 +241,7 @@ def test_a_misspelt_metric_stops_the_trial_at_its_first_evaluation(tmp_path, tin
     assert "(did you mean val_accuracy?)" in " ".join(result.output.split())
     trial = json.loads((storage / "typo" / "trial_000" / "trial.json").read_text())
     assert "ConfigError: the sweep's metric 'val_acuracy' is not among the val_ metrics" in trial["error"]
-    # stopped at the report of the first evaluation (step 3), before its metrics row: not after the whole budget
-    assert not (storage / "typo" / "trial_000" / "metrics.parquet").exists()
+    # stopped at the report of the first evaluation (step 3), not after the whole budget: its row
+    # (stored before the report) is the only one
+    assert pd.read_parquet(storage / "typo" / "trial_000" / "metrics.parquet")["step"].tolist() == [3]
     assert not list((storage / "typo" / "trial_000").glob("checkpoint_*"))
